@@ -1,0 +1,46 @@
+"""The paper's model and recipe: TinyLlama-1.1B with RoPE removed (NoPE), 50K steps x 2M tokens.
+
+22 layers, width 2048, 32 query heads over 4 kv heads, SwiGLU 5632, vocab 32000, context 2048:
+1,100,048,384 parameters plus 704 temperatures. Data: SlimPajama (no GitHub) + StarCoderdata 7:3 as
+a directory of .jsonl files, tokenized with the Llama-2 SentencePiece model.
+
+  python -m nopejax.train --config configs/1b.py --workdir gs://BUCKET/runs/nope-1b \
+      --config.data.text_dir=/data/slimpajama_starcoder --config.data.tokenizer=/data/llama2.model
+  python -m nopejax.train --config configs/1b.py --dry_run   # size and bytes per device, no memory
+"""
+from configs import base
+
+
+def get_config():
+  cfg = base.get_config()
+  cfg.model.vocab_size = 32000
+  cfg.model.num_layers = 22
+  cfg.model.embed_dim = 2048
+  cfg.model.num_heads = 32
+  cfg.model.num_kv_heads = 4
+  cfg.model.head_dim = 64
+  cfg.model.mlp_dim = 5632
+  cfg.model.norm_eps = 1e-5
+  cfg.model.dtype = 'bfloat16'
+  cfg.model.remat = True
+  cfg.data.dataset = 'textdir'
+  cfg.data.tokenizer = 'llama2.model'
+  cfg.data.seq_len = 2048
+  cfg.data.separate_documents = False  # TinyLlama's packing let documents see each other.
+  cfg.train.steps = 50_000
+  cfg.train.batch_size = 1024  # x 2048 tokens = 2.1M tokens per step.
+  cfg.train.learning_rate = 3.5e-4
+  cfg.train.warmup_steps = 2000
+  cfg.train.final_lr_fraction = 4e-5 / 3.5e-4  # Cosine to 4e-5.
+  cfg.train.b1 = 0.9
+  cfg.train.b2 = 0.95
+  cfg.train.weight_decay = 0.1
+  cfg.train.clip_norm = 1.0
+  cfg.train.log_every = 10
+  cfg.train.eval_every = 1000
+  cfg.train.eval_batches = 16
+  cfg.train.checkpoint_every = 1000
+  cfg.mesh.data = 1
+  cfg.mesh.fsdp = -1
+  cfg.mesh.tensor = 1
+  return cfg

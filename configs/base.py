@@ -1,0 +1,94 @@
+"""Every config key nopejax reads, with its default.
+
+Experiment configs start from `get_config()` here and change values; they cannot add
+keys (the returned ConfigDict is locked), so a typo fails loudly instead of being ignored.
+
+  python -m nopejax.train --config configs/base.py --workdir runs/base
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+
+  # Model: a Llama-style decoder without position encoding.
+  cfg.model = ml_collections.ConfigDict()
+  cfg.model.vocab_size = 256
+  cfg.model.num_layers = 4
+  cfg.model.embed_dim = 128
+  cfg.model.num_heads = 4
+  cfg.model.num_kv_heads = 4  # < num_heads for grouped-query attention.
+  cfg.model.head_dim = 0  # 0 = embed_dim // num_heads.
+  cfg.model.mlp_dim = 384  # SwiGLU hidden width.
+  cfg.model.norm_eps = 1e-5
+  cfg.model.init_std = 0.02
+  cfg.model.position = 'nope'  # Only 'nope' is built so far.
+  cfg.model.temperature = 1.0  # Initial (or zero-shot uniform) multiplier c on q, every head.
+  cfg.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'. Params stay float32.
+  cfg.model.remat = False  # Recompute each block's activations in the backward pass.
+  cfg.model.attention_impl = 'xla'  # jax.nn.dot_product_attention implementation: 'xla' or 'cudnn'.
+
+  # Data: a tfds builder streamed with grain, packed into windows of seq_len tokens.
+  cfg.data = ml_collections.ConfigDict()
+  cfg.data.dataset = 'pystdlib'  # 'pystdlib' (bundled) or 'textdir' (a directory of .txt/.jsonl).
+  cfg.data.text_dir = ''  # For 'textdir': the directory to read.
+  cfg.data.text_key = 'text'  # For .jsonl files: the field holding the document.
+  cfg.data.tfds_dir = ''  # Where tfds writes prepared data; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  cfg.data.tokenizer = 'byte'  # 'byte' (vocab 256) or the path of a SentencePiece .model file.
+  cfg.data.seq_len = 64
+  cfg.data.separate_documents = True  # Packed documents do not attend to each other.
+  cfg.data.shuffle_seed = 0
+  cfg.data.train_split = 'train'
+  cfg.data.eval_split = 'validation'
+  cfg.data.worker_count = 0  # grain worker processes; 0 reads in the main process.
+
+  # Training.
+  cfg.train = ml_collections.ConfigDict()
+  cfg.train.trainable = 'model'  # 'model' (all but temperatures) or 'temperature' (only them).
+  cfg.train.steps = 2000  # Length of the schedule.
+  cfg.train.stop_after = 0  # Stop after this step as a preemption would; 0 = run to train.steps.
+  cfg.train.batch_size = 32  # Global batch, in sequences.
+  cfg.train.learning_rate = 2e-3
+  cfg.train.warmup_steps = 100
+  cfg.train.final_lr_fraction = 0.1  # Cosine decays to learning_rate * final_lr_fraction.
+  cfg.train.b1 = 0.9
+  cfg.train.b2 = 0.95
+  cfg.train.eps = 1e-8
+  cfg.train.weight_decay = 0.1  # Applied to matrices only, never to norms or temperatures.
+  cfg.train.clip_norm = 1.0
+  cfg.train.seed = 0
+  cfg.train.log_every = 50
+  cfg.train.eval_every = 500  # 0 = no evaluation during training.
+  cfg.train.eval_batches = 8
+  cfg.train.checkpoint_every = 500
+  cfg.train.keep_checkpoints = 3
+  cfg.train.peak_flops_per_device = 0.0  # For MFU; 0 = look up the device kind or measure it.
+
+  # Device mesh: each size is a device count, -1 = whatever the others leave.
+  cfg.mesh = ml_collections.ConfigDict()
+  cfg.mesh.data = -1
+  cfg.mesh.fsdp = 1
+  cfg.mesh.tensor = 1
+  # Logical axis name -> mesh axes. Parameters and activations name their axes logically.
+  cfg.mesh.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('vocab', 'tensor'),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('head_dim', None),
+      ('mlp', 'tensor'),
+      ('norm', None),
+      ('temperature', None),
+      ('seq', None),
+      ('act_embed', None),
+  )
+
+  # Temperature search (train.trainable = 'temperature').
+  cfg.search = ml_collections.ConfigDict()
+  cfg.search.base = ''  # Workdir of the pretrained model whose weights are frozen.
+  cfg.search.init = '1.0'  # Every temperature's start: a number, or 'auto' for the best uniform c.
+  cfg.search.min_temperature = 1.0  # Projection after each update: c_h >= this.
+
+  cfg.lock()
+  return cfg

@@ -1,0 +1,154 @@
+"""Checkpoints with orbax: save and resume train states, restore onto any mesh, load a workdir's model.
+
+A checkpoint step holds four items:
+  model  the model's arrays as a nested dict: all of them for a pretrain run, only the
+         temperatures for a search run (its weights live in the base run it points to);
+  opt    the optimizer state of the trainable partition;
+  data   the training data iterator's position, so a resumed run sees the same batches;
+  meta   JSON: step, kind ('pretrain' or 'search'), the model's shape, and the base run.
+"""
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from nopejax import config, step as step_lib
+from nopejax.config import ConfigError
+from nopejax.model import Temperature, Transformer
+
+SHAPE_KEYS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim')
+
+
+def model_shape(cfg) -> dict:
+  shape = {key: cfg.model[key] for key in SHAPE_KEYS}
+  shape['head_dim'] = config.head_dim(cfg)
+  return shape
+
+
+def checkpoint_dir(workdir) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def _manager(workdir, options):
+  # Every item's handler is named: orbax needs that once any one of them (grain's) is custom.
+  handlers = {'model': ocp.StandardCheckpointHandler(), 'opt': ocp.StandardCheckpointHandler(),
+              'data': grain.checkpoint.CheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+
+
+def make_manager(workdir, cfg) -> ocp.CheckpointManager:
+  return _manager(workdir, ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints, create=True))
+
+
+def _reader(workdir) -> ocp.CheckpointManager:
+  return _manager(workdir, ocp.CheckpointManagerOptions(read_only=True))
+
+
+def latest_step(workdir) -> int | None:
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  with _reader(workdir) as mgr:
+    return mgr.latest_step()
+
+
+def read_meta(workdir, step) -> dict:
+  with _reader(workdir) as mgr:
+    try:
+      return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # Orbax raises many types for unreadable files.
+      raise ConfigError(
+          f'The checkpoint at {checkpoint_dir(workdir)}/{step} cannot be read ({type(e).__name__}); '
+          'delete that step directory to fall back to an older one, or use another --workdir.') from e
+
+
+def check_shape(meta, cfg, where) -> None:
+  """A checkpoint must hold a model of the configured shape; name the first key that differs."""
+  ours = model_shape(cfg)
+  for key in SHAPE_KEYS:
+    if meta['model'][key] != ours[key]:
+      raise ConfigError(
+          f'{where} holds a model with model.{key}={meta["model"][key]} but the config asks for {ours[key]}; '
+          f'set --config.model.{key}={meta["model"][key]} or use another directory.')
+
+
+def _is_search(cfg):
+  return cfg.train.trainable == 'temperature'
+
+
+def save(manager, state, data_iterator, cfg, base=None) -> None:
+  """Saves asynchronously; orbax copies the arrays before this returns, so training can go on."""
+  model_state = step_lib.model_state(state)
+  saved = nnx.filter_state(model_state, Temperature) if _is_search(cfg) else model_state
+  step = int(state['step'])
+  meta = {'step': step, 'kind': 'search' if _is_search(cfg) else 'pretrain', 'model': model_shape(cfg), 'base': base}
+  manager.save(step, args=ocp.args.Composite(
+      model=ocp.args.StandardSave(nnx.to_pure_dict(saved)),
+      opt=ocp.args.StandardSave(state['opt']),
+      data=grain.checkpoint.CheckpointSave(data_iterator),
+      meta=ocp.args.JsonSave(meta)))
+
+
+def _restore_items(workdir, step, **items):
+  with _reader(workdir) as mgr:
+    try:
+      return mgr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+      raise ConfigError(
+          f'The checkpoint at {checkpoint_dir(workdir)}/{step} does not fit this model or is damaged '
+          f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); use a matching config or another --workdir.') from e
+
+
+def restore_model(workdir, cfg, abstract_model_state, step=None):
+  """The full model state saved in `workdir`, laid out as `abstract_model_state` says (any mesh).
+
+  A search run's checkpoint holds only temperatures: its weights come from its base run.
+  """
+  step = latest_step(workdir) if step is None else step
+  if step is None:
+    raise ConfigError(f'{workdir} holds no checkpoint; train there first or point to a directory that has one.')
+  meta = read_meta(workdir, step)
+  check_shape(meta, cfg, f'The checkpoint in {workdir}')
+  if meta['kind'] == 'search':
+    state = restore_model(meta['base']['workdir'], cfg, abstract_model_state, meta['base']['step'])
+    target = nnx.filter_state(abstract_model_state, Temperature)
+  else:
+    state = jax.tree.map(lambda x: x, abstract_model_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    target = abstract_model_state
+  restored = _restore_items(workdir, step, model=ocp.args.StandardRestore(nnx.to_pure_dict(target)))['model']
+  nnx.replace_by_pure_dict(state, restored)
+  return state
+
+
+def restore(workdir, cfg, graphdef, abstract_state, data_iterator, step):
+  """Resumes a run in `workdir`: (train state, meta); fills `data_iterator` with its saved position."""
+  meta = read_meta(workdir, step)
+  check_shape(meta, cfg, f'The checkpoint in {workdir}')
+  kind = 'search' if _is_search(cfg) else 'pretrain'
+  if meta['kind'] != kind:
+    raise ConfigError(
+        f'{workdir} holds a {meta["kind"]} run but the config describes a {kind} run; '
+        'set train.trainable to match or use another --workdir.')
+  model_state = restore_model(workdir, cfg, step_lib.model_state(abstract_state), step)
+  params, frozen = step_lib.split_model_state(cfg, graphdef, model_state)
+  items = _restore_items(
+      workdir, step, opt=ocp.args.StandardRestore(abstract_state['opt']),
+      data=grain.checkpoint.CheckpointRestore(data_iterator))
+  state = {'step': jax.device_put(jax.numpy.int32(step), abstract_state['step'].sharding),
+           'params': params, 'frozen': frozen, 'opt': items['opt']}
+  return state, meta
+
+
+def load(workdir):
+  """(model, config) of the latest checkpoint in any workdir nopejax writes, on the default device."""
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(config_path):
+    raise ConfigError(f'{workdir} has no config.json, so it is not a nopejax workdir; pass the --workdir of a run.')
+  cfg = config.load_json(config_path)
+  abstract_model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  graphdef, abstract_model_state = nnx.split(abstract_model)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract_model_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_model_state)
+  return nnx.merge(graphdef, restore_model(workdir, cfg, abstract_model_state)), cfg

@@ -1,0 +1,104 @@
+"""The one config object: loading, checking and saving it. Every key is declared in configs/base.py."""
+import json
+
+import ml_collections
+
+from configs import base
+
+POSITIONS = ('nope',)
+DTYPES = ('float32', 'bfloat16')
+TRAINABLE = ('model', 'temperature')
+
+
+class ConfigError(ValueError):
+  """Bad input the user can fix; its message is one sentence naming the key and the fix."""
+
+
+def head_dim(cfg) -> int:
+  return cfg.model.head_dim or cfg.model.embed_dim // cfg.model.num_heads
+
+
+def search_init(cfg):
+  """`search.init` as a float, or the string 'auto'."""
+  if cfg.search.init == 'auto':
+    return 'auto'
+  try:
+    return float(cfg.search.init)
+  except ValueError:
+    raise ConfigError(f"search.init={cfg.search.init!r} is neither a number nor 'auto'; set it to e.g. 1.6 or auto.")
+
+
+def _flat_keys(cfg, prefix=''):
+  keys = set()
+  for key, value in cfg.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      keys |= _flat_keys(value, f'{prefix}{key}.')
+    else:
+      keys.add(f'{prefix}{key}')
+  return keys
+
+
+def validate(cfg) -> None:
+  """Raises ConfigError for the first problem found; returns None for a usable config."""
+  unknown = sorted(_flat_keys(cfg) - _flat_keys(base.get_config()))
+  if unknown:
+    raise ConfigError(f'Unknown config key {unknown[0]}; every key is declared in configs/base.py, check the spelling there.')
+  m = cfg.model
+  if m.position not in POSITIONS:
+    raise ConfigError(f'model.position={m.position!r} is not one of {POSITIONS}; pick one of those.')
+  if m.dtype not in DTYPES:
+    raise ConfigError(f'model.dtype={m.dtype!r} is not one of {DTYPES}; pick one of those.')
+  if m.num_heads <= 0 or (not m.head_dim and m.embed_dim % m.num_heads):
+    raise ConfigError(
+        f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; '
+        'change model.num_heads (or set model.head_dim explicitly).')
+  if m.num_kv_heads <= 0 or m.num_heads % m.num_kv_heads:
+    raise ConfigError(
+        f'model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}; '
+        'change model.num_kv_heads to a divisor of it.')
+  if m.temperature <= 0:
+    raise ConfigError(f'model.temperature={m.temperature} must be positive; set a value like 1.0 or 1.5.')
+  t = cfg.train
+  if t.trainable not in TRAINABLE:
+    raise ConfigError(f'train.trainable={t.trainable!r} is not one of {TRAINABLE}; pick one of those.')
+  if t.steps <= 0 or t.stop_after < 0:
+    raise ConfigError(f'train.steps={t.steps} must be positive and train.stop_after={t.stop_after} not negative.')
+  if t.warmup_steps > t.steps:
+    raise ConfigError(f'train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}; lower train.warmup_steps.')
+  if t.batch_size <= 0 or cfg.data.seq_len <= 0:
+    raise ConfigError('train.batch_size and data.seq_len must be positive; set both to positive integers.')
+  if t.trainable == 'temperature' and not cfg.search.base:
+    raise ConfigError("train.trainable='temperature' needs search.base, the workdir of a pretrained model; set --config.search.base=DIR.")
+  if cfg.search.base and t.trainable != 'temperature':
+    raise ConfigError("search.base is set but train.trainable is 'model'; set --config.train.trainable=temperature or clear search.base.")
+  search_init(cfg)
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """Overlays saved values (e.g. a workdir's config.json) on the declared defaults."""
+  cfg = base.get_config()
+
+  def overlay(node, values, prefix):
+    for key, value in values.items():
+      if key not in node:
+        raise ConfigError(f'Unknown config key {prefix}{key}; every key is declared in configs/base.py, check the spelling there.')
+      if isinstance(node[key], ml_collections.ConfigDict):
+        overlay(node[key], value, f'{prefix}{key}.')
+      else:
+        node[key] = _as_tuples(value) if isinstance(node[key], tuple) else value
+
+  overlay(cfg, values, '')
+  return cfg
+
+
+def _as_tuples(value):
+  return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def to_json(cfg) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def load_json(path) -> ml_collections.ConfigDict:
+  with open(path) as f:
+    return from_dict(json.load(f))

@@ -1,0 +1,126 @@
+"""run(cfg, workdir): the training loop, for pretraining and for the temperature search alike."""
+import math
+import os
+
+import jax
+from absl import logging
+
+from nopejax import checkpoint, config, data, metrics, model, optim, sharding, step as step_lib
+
+
+def _process_shard():
+  return jax.process_index(), jax.process_count()
+
+
+def _evaluate(cfg, eval_step, state, batch_sharding) -> float:
+  """Mean next-token loss over the fixed validation batches."""
+  loss_sum, count = 0.0, 0.0
+  for batch in data.eval_iterator(cfg, cfg.data.eval_split, cfg.train.eval_batches, *_process_shard()):
+    batch_sum, batch_count = eval_step(state['params'], state['frozen'], data.global_batch(batch, batch_sharding))
+    # Reading back every batch keeps few collectives queued (XLA:CPU hangs with ~30 queued).
+    loss_sum, count = loss_sum + float(batch_sum), count + float(batch_count)
+  return loss_sum / max(count, 1.0)
+
+
+def _write_config(cfg, workdir) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(cfg))
+
+
+def run(cfg, workdir) -> dict:
+  """Trains in `workdir` until train.steps (or train.stop_after), resuming from its latest checkpoint.
+
+  Returns the last logged values. Raises config.ConfigError for anything the user must fix.
+  """
+  # ---------------------------------------------------------------- Checks, mesh, optimizer.
+  config.validate(cfg)
+  mesh = sharding.make_mesh(cfg)
+  tx = optim.make_optimizer(cfg)
+  peak_flops = metrics.peak_flops_per_device(cfg)  # Outside the mesh: it times one device alone.
+  last_step = min(cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
+  logging.info('Mesh %s over %d devices (%s).', dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+
+  with jax.set_mesh(mesh):
+    # -------------------------------------------------------------- State: resume or start.
+    graphdef, abstract, shardings = step_lib.abstract_state(cfg, mesh, tx)
+    batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
+    train_batches = data.train_iterator(cfg, *_process_shard())
+    resume_step = checkpoint.latest_step(workdir)
+    if resume_step is not None:
+      state, meta = checkpoint.restore(workdir, cfg, graphdef, abstract, train_batches, resume_step)
+      base = meta['base']
+      logging.info('Resumed from step %d in %s.', resume_step, workdir)
+    else:
+      state, base = step_lib.init_state(cfg, shardings, tx), None
+    _write_config(cfg, workdir)
+
+    # -------------------------------------------------------------- Compiled steps.
+    train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx),
+                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                         donate_argnums=0)
+    eval_step = jax.jit(step_lib.make_eval_step(cfg, graphdef))
+
+    # -------------------------------------------------------------- Loop.
+    manager = checkpoint.make_manager(workdir, cfg)
+    writer = metrics.Writer(workdir)
+    throughput = metrics.Throughput(cfg, mesh.size, peak_flops)
+    logged, pending, saved_step = {}, None, resume_step
+
+    def finish(step, values):
+      """Reads a dispatched step's metrics back (a sync point) and logs them on log steps."""
+      values = {k: float(v) for k, v in jax.device_get(values).items()}
+      if not math.isfinite(values['loss']):
+        raise FloatingPointError(f'The loss became {values["loss"]} at step {step}; lower train.learning_rate or check the data.')
+      if step % cfg.train.log_every == 0 or step == last_step or 'eval_loss' in values:
+        values.update(throughput.report(step))
+        writer.write(step, values)
+        metrics.log_line(step, cfg.train.steps, values)
+        logged.update(values, step=step)
+
+    for step in range(int(state['step']) + 1, last_step + 1):
+      state, step_metrics = train_step(state, data.global_batch(next(train_batches), batch_sharding))
+      if pending:
+        finish(*pending)  # Step N runs while step N-1's metrics are read.
+      pending = (step, step_metrics)
+      if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == last_step):
+        step_metrics['eval_loss'] = _evaluate(cfg, eval_step, state, batch_sharding)
+      preempted = manager.reached_preemption(step)
+      if step % cfg.train.checkpoint_every == 0 or step == last_step or preempted:
+        checkpoint.save(manager, state, train_batches, cfg, base)
+        saved_step = step
+      if preempted:
+        logging.warning('Preemption signal at step %d: checkpoint saved, stopping.', step)
+        break
+    if pending:
+      finish(*pending)
+    if saved_step != int(state['step']):
+      checkpoint.save(manager, state, train_batches, cfg, base)
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  return logged
+
+
+def dry_run(cfg) -> dict:
+  """Builds the model and optimizer abstractly (no memory) and reports their size on the mesh."""
+  config.validate(cfg)
+  mesh = sharding.make_mesh(cfg)
+  tx = optim.make_optimizer(cfg)
+  with jax.set_mesh(mesh):
+    _, abstract, shardings = step_lib.abstract_state(cfg, mesh, tx)
+  model_state = step_lib.model_state(abstract)
+  report = {
+      'mesh': dict(mesh.shape),
+      'devices': mesh.size,
+      'params': model.count_params(model_state),
+      'temperatures': model.count_params(model_state, model.Temperature, exclude=None),
+      'trainable': model.count_params(abstract['params'], exclude=None),
+      'param_bytes_per_device': sharding.bytes_per_device(model_state, step_lib.model_state(shardings)),
+      'optimizer_bytes_per_device': sharding.bytes_per_device(abstract['opt'], shardings['opt']),
+  }
+  print(f'mesh: {report["mesh"]} ({report["devices"]} devices)')
+  print(f'parameters: {report["params"]:,} + {report["temperatures"]:,} temperatures ({report["trainable"]:,} trainable)')
+  print(f'bytes per device: params {report["param_bytes_per_device"]:,}, optimizer {report["optimizer_bytes_per_device"]:,}')
+  return report

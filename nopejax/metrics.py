@@ -1,0 +1,112 @@
+"""Throughput and logging: FLOPs, MFU, the progress line, metrics.jsonl and TensorBoard events."""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from nopejax.model import flops_per_token
+
+# Dense peak FLOP/s per device (bf16) by jax device_kind prefix, from the vendors' data sheets.
+PEAK_FLOPS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v5': 459e12,
+    'TPU v6 lite': 918e12,
+    'TPU v6e': 918e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA A100': 312e12,
+}
+
+
+def measure_matmul_flops(dtype, size=2048, repeats=5) -> float:
+  """Best FLOP/s of a square matmul on the first device: the practical peak where no data sheet applies."""
+  x = jnp.ones((size, size), dtype, device=jax.devices()[0])
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
+
+
+def peak_flops_per_device(cfg) -> float:
+  if cfg.train.peak_flops_per_device:
+    return cfg.train.peak_flops_per_device
+  kind = jax.devices()[0].device_kind
+  for prefix, flops in PEAK_FLOPS.items():
+    if kind.startswith(prefix):
+      return flops
+  # CPU (or unknown): simulated devices share one host, so each gets its share of the measured peak.
+  return measure_matmul_flops(jnp.dtype(cfg.model.dtype)) / jax.local_device_count()
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class Writer:
+  """Writes each logged step to metrics.jsonl and TensorBoard; only process 0 writes."""
+
+  def __init__(self, workdir):
+    self.active = jax.process_index() == 0
+    if self.active:
+      from tensorboardX import SummaryWriter  # Writes TensorBoard event files without tensorflow.
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, values: dict) -> None:
+    if not self.active:
+      return
+    values = {k: float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v for k, v in values.items()}
+    self.jsonl.write(json.dumps({'step': step, **values}) + '\n')
+    self.jsonl.flush()
+    for key, value in values.items():
+      if isinstance(value, (int, float)):
+        self.tensorboard.add_scalar(key, value, step)
+    self.tensorboard.flush()
+
+  def close(self) -> None:
+    if self.active:
+      self.jsonl.close()
+      self.tensorboard.close()
+
+
+class Throughput:
+  """Tokens/s and MFU over the steps since the last report."""
+
+  def __init__(self, cfg, num_devices, peak_per_device):
+    self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    self.flops_per_token = flops_per_token(cfg)
+    self.peak = peak_per_device * num_devices
+    self.start_time, self.start_step = time.perf_counter(), None
+
+  def report(self, step: int) -> dict:
+    now = time.perf_counter()
+    if self.start_step is None:
+      self.start_time, self.start_step = now, step
+      return {'tokens_per_sec': float('nan'), 'mfu': float('nan'), 'sec_per_step': float('nan')}
+    seconds = (now - self.start_time) / max(step - self.start_step, 1)
+    self.start_time, self.start_step = now, step
+    tokens_per_sec = self.tokens_per_step / seconds
+    return {'tokens_per_sec': tokens_per_sec, 'mfu': tokens_per_sec * self.flops_per_token / self.peak,
+            'sec_per_step': seconds}
+
+
+def log_line(step, total_steps, values) -> None:
+  eta = 'n/a' if np.isnan(values['sec_per_step']) else format_duration(values['sec_per_step'] * (total_steps - step))
+  parts = [f'step {step}/{total_steps}', f'loss {values["loss"]:.4f}']
+  if 'eval_loss' in values:
+    parts.append(f'eval_loss {values["eval_loss"]:.4f}')
+  parts += [f'lr {values["learning_rate"]:.3g}', f'tokens/s {values["tokens_per_sec"]:,.0f}',
+            f'MFU {100 * values["mfu"]:.2f}%', f'ETA {eta}']
+  logging.info(' | '.join(parts))

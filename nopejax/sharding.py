@@ -1,0 +1,96 @@
+"""The device mesh and where every array lives on it: logical axis names mapped to mesh axes by config rules."""
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from nopejax.config import ConfigError
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def mesh_shape(cfg, num_devices: int) -> tuple[int, ...]:
+  """Resolves the configured axis sizes (-1 = the rest) against the device count."""
+  sizes = [cfg.mesh[name] for name in MESH_AXES]
+  described = ' '.join(f'mesh.{n}={s}' for n, s in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f'{described} is not a mesh: give each axis a positive size, with at most one -1 for the rest.')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(f'{described} cannot fill {num_devices} devices because {known} does not divide {num_devices}; change the mesh sizes.')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(
+        f'{described} uses {math.prod(sizes)} devices but {num_devices} are present; '
+        'change the mesh sizes so their product matches, or set one of them to -1.')
+  return tuple(sizes)
+
+
+def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(cfg, len(devices))
+  # Auto axes: XLA propagates shardings between the annotated points (GSPMD style).
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices)
+
+
+def logical_spec(axes, rules) -> P:
+  """PartitionSpec for logical axis names; a name absent from the rules is replicated."""
+  table = dict(rules)
+  spec, used = [], set()
+  for name in axes:
+    mesh_axes = table.get(name)
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    # A mesh axis can shard only one dimension of an array.
+    mesh_axes = tuple(a for a in mesh_axes if a not in used)
+    used.update(mesh_axes)
+    spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+  return P(*spec)
+
+
+def _is_variable(x):
+  return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh, rules):
+  """NamedShardings mirroring `state` (params, optimizer state): Variables by their `axes`, the rest replicated."""
+
+  def sharding_of(path, leaf):
+    if not _is_variable(leaf):
+      return NamedSharding(mesh, P())
+    spec = logical_spec(leaf.get_metadata().get('axes', ()), rules)
+    for dim, mesh_axes in zip(leaf.shape, spec):
+      ways = math.prod(mesh.shape[a] for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()))
+      if dim % ways:
+        name = '.'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+        raise ConfigError(
+            f'Parameter {name} of shape {tuple(leaf.shape)} cannot be split {ways} ways along {mesh_axes}; '
+            'change the mesh sizes (mesh.*) or the model width so they divide.')
+    return leaf.replace(NamedSharding(mesh, spec))
+
+  return jax.tree_util.tree_map_with_path(sharding_of, state, is_leaf=_is_variable)
+
+
+def batch_sharding(mesh, rules) -> NamedSharding:
+  """Batches are [batch, time]: rows split over the batch axes, time kept whole."""
+  return NamedSharding(mesh, logical_spec(('batch', 'seq'), rules))
+
+
+def constrain(x, axes, rules):
+  """Pins an activation's sharding inside a jitted function run under `jax.set_mesh`; a no-op without a mesh."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_spec(axes, rules))
+
+
+def bytes_per_device(state, shardings) -> int:
+  """Bytes one device holds of `state` under `shardings` (shapes only; works on abstract state)."""
+  leaves = jax.tree.leaves(state)
+  sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  total = 0
+  for leaf, sharding in zip(leaves, sharding_leaves, strict=True):
+    shard_shape = sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard_shape)) * np.dtype(leaf.dtype).itemsize
+  return total

@@ -1,0 +1,94 @@
+"""The jitted computations of a step: loss, gradient over the trainable partition, update, evaluation.
+
+The train state is a dict {'step', 'params', 'frozen', 'opt'}: 'params' is the trainable
+partition of the model (weights when pretraining, temperatures in the search), 'frozen' the rest.
+`jax.grad` runs over 'params' alone, so in the search XLA never forms a weight gradient.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nopejax import optim, sharding
+from nopejax.model import Transformer
+
+
+def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
+  """Sum of next-token losses where mask is 1, and the number of those tokens."""
+  losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  return jnp.sum(losses_BxT * mask_BxT), jnp.sum(mask_BxT)
+
+
+def _segments(cfg, batch):
+  return batch['segment_ids'] if cfg.data.separate_documents else None
+
+
+def make_train_step(cfg, graphdef, tx):
+  """Returns train_step(state, batch) -> (state, metrics), to be jitted by the caller."""
+  schedule = optim.learning_rate_schedule(cfg)
+  clamp = cfg.train.trainable == 'temperature'
+
+  def loss_fn(params, frozen, batch):
+    model = nnx.merge(graphdef, params, frozen)
+    logits_BxTxV = model(batch['inputs'], _segments(cfg, batch))
+    loss_sum, count = cross_entropy(logits_BxTxV, batch['targets'], batch['loss_mask'])
+    return loss_sum / jnp.maximum(count, 1.0)
+
+  def train_step(state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'], state['frozen'], batch)
+    updates, opt = tx.update(grads, state['opt'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    if clamp:
+      params = optim.clamp_temperatures(params, cfg.search.min_temperature)
+    metrics = {
+        'loss': loss,
+        'grad_norm': optax.global_norm(grads),
+        'learning_rate': schedule(state['step']),
+    }
+    return dict(state, step=state['step'] + 1, params=params, opt=opt), metrics
+
+  return train_step
+
+
+def make_eval_step(cfg, graphdef):
+  """Returns eval_step(params, frozen, batch) -> (loss sum, token count)."""
+
+  def eval_step(params, frozen, batch):
+    model = nnx.merge(graphdef, params, frozen)
+    logits_BxTxV = model(batch['inputs'], _segments(cfg, batch))
+    return cross_entropy(logits_BxTxV, batch['targets'], batch['loss_mask'])
+
+  return eval_step
+
+
+def _init_fn(cfg, tx):
+  def init():
+    model = Transformer(cfg, nnx.Rngs(cfg.train.seed))
+    _, params, frozen = nnx.split(model, optim.trainable_filter(cfg), ...)
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'frozen': frozen, 'opt': tx.init(params)}
+  return init
+
+
+def abstract_state(cfg, mesh, tx):
+  """(graphdef, state, shardings) with no memory used: every leaf a ShapeDtypeStruct carrying its sharding."""
+  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), optim.trainable_filter(cfg), ...)
+  shapes = jax.eval_shape(_init_fn(cfg, tx))
+  shardings = sharding.state_shardings(shapes, mesh, cfg.mesh.rules)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  return graphdef, state, shardings
+
+
+def init_state(cfg, shardings, tx):
+  """A freshly initialized train state, created directly in its sharded layout."""
+  return jax.jit(_init_fn(cfg, tx), out_shardings=shardings)()
+
+
+def model_state(state):
+  """The whole model's state (both partitions) of a train state."""
+  return nnx.merge_state(state['params'], state['frozen'])
+
+
+def split_model_state(cfg, graphdef, model_state_):
+  """Inverse of model_state: (params, frozen) for `train.trainable`."""
+  _, params, frozen = nnx.split(nnx.merge(graphdef, model_state_), optim.trainable_filter(cfg), ...)
+  return params, frozen

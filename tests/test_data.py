@@ -1,0 +1,341 @@
+"""Tests for nopejax.data: tokenizers, the tfds corpora, packing, sharding and iterator checkpoints."""
+import hashlib
+import json
+import pathlib
+import pickle
+import sysconfig
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import base
+from nopejax import data
+
+
+def make_cfg(tfds_dir, **data_values):
+  cfg = base.get_config()
+  cfg.data.tfds_dir = tfds_dir
+  for key, value in data_values.items():
+    setattr(cfg.data, key, value)
+  return cfg
+
+
+def write_files(root: pathlib.Path, files: dict) -> str:
+  for name, text in files.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text(text)
+  return str(root)
+
+
+def split_names(cfg, split):
+  return [example['name'].decode() for example in data.load_split(cfg, split)]
+
+
+def take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def assert_same_batches(want, got):
+  assert len(want) == len(got)
+  for want_batch, got_batch in zip(want, got):
+    assert want_batch.keys() == got_batch.keys()
+    for key in want_batch:
+      np.testing.assert_array_equal(want_batch[key], got_batch[key], err_msg=key)
+
+
+# --- Tokenizers ---------------------------------------------------------------------------------
+
+
+def test_byte_tokenizer_round_trip():
+  tokenizer = data.make_tokenizer(base.get_config())
+  text = 'def f(x):\n  return "naïve – ∑"\n'
+  ids = tokenizer.encode(text)
+  assert ids.dtype == np.int32 and ids.max() < 256
+  assert len(ids) == len(text.encode('utf-8'))
+  assert tokenizer.decode(ids) == text
+  assert tokenizer.vocab_size == 256 and tokenizer.bos_id is None
+
+
+def test_sentencepiece_tokenizer_trained_here(tmp_path):
+  sentencepiece = pytest.importorskip('sentencepiece')
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text('\n'.join(f'the quick brown fox {i} jumps over the lazy dog {i * 7}' for i in range(200)))
+  sentencepiece.SentencePieceTrainer.train(
+      input=str(corpus), model_prefix=str(tmp_path / 'sp'), vocab_size=60, minloglevel=2)
+  cfg = base.get_config()
+  cfg.data.tokenizer = str(tmp_path / 'sp.model')
+  tokenizer = data.make_tokenizer(cfg)
+  ids = tokenizer.encode('the lazy fox 12')
+  assert ids.dtype == np.int32 and len(ids) > 0 and ids.max() < 60
+  assert tokenizer.decode(ids) == 'the lazy fox 12'
+  assert tokenizer.vocab_size == 60 and tokenizer.bos_id == 1
+  # grain workers receive the tokenizer pickled.
+  assert pickle.loads(pickle.dumps(tokenizer)).encode('the lazy fox 12').tolist() == ids.tolist()
+
+  # Whole documents start with BOS.
+  text_dir = write_files(tmp_path / 'docs', {'train/a.txt': 'the quick dog', 'train/b.txt': 'a lazy fox'})
+  cfg.data.tfds_dir = str(tmp_path / 'tfds')
+  cfg.data.dataset = 'textdir'
+  cfg.data.text_dir = text_dir
+  docs = data.documents(cfg, 'train')
+  assert len(docs) == 2
+  assert docs[0][0] == 1 and tokenizer.decode(docs[0][1:]) == 'the quick dog'
+
+  cfg.model.vocab_size = 50
+  with pytest.raises(ValueError, match='model.vocab_size'):
+    data.make_tokenizer(cfg)
+
+
+def test_missing_tokenizer_file_names_the_key(tmp_path):
+  cfg = base.get_config()
+  cfg.data.tokenizer = str(tmp_path / 'missing.model')
+  with pytest.raises(ValueError, match='data.tokenizer'):
+    data.make_tokenizer(cfg)
+
+
+# --- Corpora ------------------------------------------------------------------------------------
+
+
+def test_pystdlib_splits_are_deterministic_and_disjoint(tfds_dir):
+  cfg = make_cfg(tfds_dir)
+  names = {split: split_names(cfg, split) for split in data.SPLITS}
+  assert names == {split: split_names(cfg, split) for split in data.SPLITS}  # Deterministic.
+  sets = {split: set(split_names) for split, split_names in names.items()}
+  assert not sets['train'] & sets['validation']
+  assert not sets['train'] & sets['test']
+  assert not sets['validation'] & sets['test']
+  for split, (low, high) in {'train': (0, 90), 'validation': (90, 95), 'test': (95, 100)}.items():
+    assert all(low <= int(hashlib.md5(n.encode()).hexdigest(), 16) % 100 < high for n in names[split])
+    assert names[split] == sorted(names[split])  # File order.
+  # Every non-empty stdlib .py file outside site-packages, once (1,790 files on Python 3.11.7).
+  root = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  expected = {path.relative_to(root).as_posix() for path in root.rglob('*.py')
+              if 'site-packages' not in path.relative_to(root).parts and path.stat().st_size > 0}
+  assert set().union(*sets.values()) == expected
+  assert 1500 < len(expected) < 2100
+  assert len(names['train']) > 0.85 * len(expected)
+  example = data.load_split(cfg, 'validation')[0]
+  assert example['text'].decode() == (root / example['name'].decode()).read_text(encoding='utf-8', errors='replace')
+
+
+def test_textdir_reads_txt_and_jsonl_with_text_key(tmp_path, tfds_dir):
+  lines = [json.dumps({'content': f'jsonl document {i}', 'id': i}) for i in range(100)]
+  lines[5] = ''  # Blank lines are skipped.
+  lines[6] = json.dumps({'content': ''})  # And so are empty documents.
+  text_dir = write_files(tmp_path / 'corpus', {
+      'a.txt': 'first text document',
+      'sub/b.txt': 'second text document',
+      'c.jsonl': '\n'.join(lines) + '\n',
+      'ignored.md': 'not a document',
+  })
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=text_dir, text_key='content')
+  texts = {}
+  for split in data.SPLITS:
+    for example in data.load_split(cfg, split):
+      texts[example['name'].decode()] = example['text'].decode()
+  expected = {'a.txt': 'first text document', 'sub/b.txt': 'second text document'}
+  expected.update({f'c.jsonl:{i + 1}': f'jsonl document {i}' for i in range(100) if i not in (5, 6)})
+  assert texts == expected
+
+  cfg.data.text_key = 'missing'
+  with pytest.raises(ValueError, match='data.text_key'):
+    data.load_split(cfg, 'train')
+
+
+def test_textdir_split_subdirectories(tmp_path, tfds_dir):
+  text_dir = write_files(tmp_path / 'corpus', {
+      'train/t1.txt': 'one', 'train/deep/t2.txt': 'two', 'train/t3.jsonl': '{"text": "three"}\n',
+      'validation/v1.txt': 'four', 'test/x1.txt': 'five'})
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=text_dir)
+  assert split_names(cfg, 'train') == ['train/deep/t2.txt', 'train/t1.txt', 'train/t3.jsonl:1']
+  assert split_names(cfg, 'validation') == ['validation/v1.txt']
+  assert split_names(cfg, 'test') == ['test/x1.txt']
+
+
+def test_textdir_errors_name_the_key(tmp_path, tfds_dir):
+  (tmp_path / 'empty').mkdir()
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=str(tmp_path / 'empty'))
+  with pytest.raises(ValueError, match='data.text_dir'):
+    data.load_split(cfg, 'train')
+  cfg.data.text_dir = str(tmp_path / 'missing')
+  with pytest.raises(ValueError, match='data.text_dir'):
+    data.load_split(cfg, 'train')
+  cfg.data.text_dir = write_files(tmp_path / 'blank', {'a.txt': '', 'b.jsonl': '{"text": ""}\n'})
+  with pytest.raises(ValueError, match='data.text_dir'):
+    data.load_split(cfg, 'train')
+  cfg.data.text_dir = write_files(tmp_path / 'only_train', {'train/a.txt': 'text'})
+  with pytest.raises(ValueError, match='data.text_dir'):
+    data.load_split(cfg, 'test')  # An empty split.
+  cfg.data.dataset = 'wikipedia'
+  with pytest.raises(ValueError, match="data.dataset.*pystdlib"):
+    data.load_split(cfg, 'train')
+
+
+# --- Packing ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def letters_dir(tmp_path):
+  """Documents that start with their only capital letter, so a batch shows where each begins."""
+  rng = np.random.default_rng(0)
+  files = {}
+  for i in range(30):
+    length = int(rng.integers(3, 60))
+    files[f'train/doc{i:02d}.txt'] = chr(ord('A') + i % 26) + ''.join(rng.choice(list('abcdefgh'), length - 1))
+  return write_files(tmp_path / 'letters', files)
+
+
+def expected_segments(inputs_row, targets_row):
+  """Segment ids, positions and loss mask that the capital letters imply for one row."""
+  starts = np.array([chr(t).isupper() for t in inputs_row])
+  starts[0] = True  # Every window starts a segment, also in the middle of a document.
+  segment_ids = np.cumsum(starts)
+  positions = np.zeros(len(inputs_row), np.int32)
+  for t in range(1, len(inputs_row)):
+    positions[t] = 0 if starts[t] else positions[t - 1] + 1
+  loss_mask = np.array([not chr(t).isupper() for t in targets_row], np.float32)
+  return segment_ids, positions, loss_mask
+
+
+def test_packing_shifts_targets_and_marks_documents(letters_dir, tfds_dir):
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=letters_dir, seq_len=16)
+  cfg.train.batch_size = 4
+  batches = take(data.train_iterator(cfg), 30)  # Over two epochs of the 30 documents.
+  for batch in batches:
+    assert {key: (value.dtype, value.shape) for key, value in batch.items()} == {
+        'inputs': (np.int32, (4, 16)), 'targets': (np.int32, (4, 16)), 'segment_ids': (np.int32, (4, 16)),
+        'positions': (np.int32, (4, 16)), 'loss_mask': (np.float32, (4, 16))}
+    np.testing.assert_array_equal(batch['targets'][:, :-1], batch['inputs'][:, 1:])
+    for row in range(4):
+      segment_ids, positions, loss_mask = expected_segments(batch['inputs'][row], batch['targets'][row])
+      np.testing.assert_array_equal(batch['segment_ids'][row], segment_ids)
+      np.testing.assert_array_equal(batch['positions'][row], positions)
+      np.testing.assert_array_equal(batch['loss_mask'][row], loss_mask)
+  assert max(batch['segment_ids'].max() for batch in batches) >= 3
+
+  cfg.data.separate_documents = False
+  batch = next(data.train_iterator(cfg))
+  np.testing.assert_array_equal(batch['segment_ids'], np.ones((4, 16)))
+  np.testing.assert_array_equal(batch['loss_mask'], np.ones((4, 16)))
+  np.testing.assert_array_equal(batch['positions'], np.broadcast_to(np.arange(16), (4, 16)))
+
+
+def document_starts(batches):
+  """The capital letters of the token stream the batches were cut from, in order."""
+  windows = [np.append(inputs, targets[-1]) for batch in batches
+             for inputs, targets in zip(batch['inputs'], batch['targets'])]
+  return [chr(t) for t in np.concatenate(windows) if chr(t).isupper()]
+
+
+def test_train_stream_reshuffles_each_epoch(letters_dir, tfds_dir):
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=letters_dir, seq_len=16)
+  cfg.train.batch_size = 4
+  starts = document_starts(take(data.train_iterator(cfg), 60))
+  first_epoch, second_epoch = starts[:30], starts[30:60]
+  assert sorted(first_epoch) == sorted(chr(ord('A') + i % 26) for i in range(30))
+  assert sorted(first_epoch) != first_epoch  # Shuffled.
+  assert first_epoch != second_epoch  # Differently each epoch.
+  cfg.data.shuffle_seed = 1
+  assert document_starts(take(data.train_iterator(cfg), 5))[:5] != starts[:5]
+
+
+def test_eval_iterator_is_deterministic_padded_and_limited(letters_dir, tfds_dir):
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=letters_dir, seq_len=16)
+  cfg.train.batch_size = 4
+  everything = list(data.eval_iterator(cfg, 'train', num_batches=1000))
+  assert_same_batches(everything, list(data.eval_iterator(cfg, 'train', num_batches=1000)))
+  assert_same_batches(everything[:3], list(data.eval_iterator(cfg, 'train', num_batches=3)))
+  # One pass in file order: doc00 starts with 'A'.
+  assert chr(everything[0]['inputs'][0, 0]) == 'A'
+  total_tokens = sum(len((pathlib.Path(letters_dir) / 'train' / f'doc{i:02d}.txt').read_text()) for i in range(30))
+  assert sum((batch['segment_ids'] > 0).sum() for batch in everything) == total_tokens - total_tokens // 17
+  last = everything[-1]
+  assert last['inputs'].shape == (4, 16)  # Padded to the full batch.
+  assert (last['loss_mask'][last['segment_ids'] == 0] == 0).all() and (last['segment_ids'] == 0).any()
+
+
+def test_processes_read_disjoint_documents(tmp_path, tfds_dir):
+  # Document i is made only of the character chr(65 + i), so tokens name their document.
+  text_dir = write_files(tmp_path / 'marked', {f'train/{i:02d}.txt': chr(65 + i) * 20 for i in range(40)})
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=text_dir, seq_len=16)
+  cfg.train.batch_size = 4
+  seen = []
+  for process_index in range(2):
+    batches = take(data.train_iterator(cfg, process_index=process_index, process_count=2), 20)
+    assert batches[0]['inputs'].shape == (2, 16)
+    seen.append({int(t) for batch in batches for t in batch['inputs'].reshape(-1)})
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == set(range(65, 105))
+  cfg.train.batch_size = 5
+  with pytest.raises(ValueError, match='train.batch_size'):
+    data.train_iterator(cfg, process_index=0, process_count=2)
+
+
+# --- Checkpoints --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('steps_before_save', [0, 7])
+def test_iterator_state_round_trips(tfds_dir, steps_before_save):
+  cfg = make_cfg(tfds_dir)
+  iterator = data.train_iterator(cfg)
+  take(iterator, steps_before_save)
+  state = iterator.get_state()
+  want = take(iterator, 5)
+  restored = data.train_iterator(cfg)
+  # Through JSON, as grain's checkpoint handler stores it.
+  restored.set_state(json.loads(json.dumps(state)))
+  assert_same_batches(want, take(restored, 5))
+
+
+@pytest.mark.parametrize('steps_before_save', [0, 4])
+def test_orbax_checkpoint_restores_the_stream(tfds_dir, tmp_path, steps_before_save):
+  cfg = make_cfg(tfds_dir)
+  iterator = data.train_iterator(cfg)
+  take(iterator, steps_before_save)
+  model_state = {'w': np.arange(4.0, dtype=np.float32)}
+  options = ocp.CheckpointManagerOptions(max_to_keep=2)
+  with ocp.CheckpointManager(tmp_path / 'ckpt', options=options) as manager:
+    manager.save(steps_before_save, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(model_state), data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+  want = take(iterator, 5)
+
+  restored = data.train_iterator(cfg)
+  with ocp.CheckpointManager(tmp_path / 'ckpt', options=options) as manager:
+    result = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(model_state), data=grain.checkpoint.CheckpointRestore(restored)))
+  assert result['data'] is restored
+  np.testing.assert_array_equal(result['state']['w'], model_state['w'])
+  assert_same_batches(want, take(restored, 5))
+
+
+# --- Whole documents and global arrays ----------------------------------------------------------
+
+
+def test_documents_are_whole_and_in_file_order(tfds_dir):
+  cfg = make_cfg(tfds_dir)
+  docs = data.documents(cfg, 'validation')
+  source = data.load_split(cfg, 'validation')
+  assert len(docs) == len(source)
+  for i in (0, len(docs) - 1):
+    assert docs[i].dtype == np.int32
+    assert data.make_tokenizer(cfg).decode(docs[i]) == source[i]['text'].decode()
+
+
+def test_global_batch_on_8_device_mesh(tfds_dir):
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  cfg = make_cfg(tfds_dir)
+  cfg.train.batch_size = 16
+  local = next(data.train_iterator(cfg))
+  batch = data.global_batch(local, sharding)
+  assert batch.keys() == local.keys()
+  for key, array in batch.items():
+    assert array.shape == (16, cfg.data.seq_len) and array.dtype == local[key].dtype
+    assert array.sharding == sharding
+    assert len(array.addressable_shards) == 8 and array.addressable_shards[0].data.shape == (2, cfg.data.seq_len)
+    np.testing.assert_array_equal(np.asarray(array), local[key])
