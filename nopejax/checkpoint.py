@@ -32,10 +32,8 @@ def checkpoint_dir(workdir) -> str:
 
 
 def _manager(workdir, options):
-  # Every item's handler is named: orbax needs that once any one of them (grain's) is custom.
-  handlers = {'model': ocp.StandardCheckpointHandler(), 'opt': ocp.StandardCheckpointHandler(),
-              'data': grain.checkpoint.CheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+  # Importing grain registers its iterator save/restore args with orbax.
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def make_manager(workdir, cfg) -> ocp.CheckpointManager:

@@ -38,6 +38,11 @@ def _flat_keys(cfg, prefix=''):
   return keys
 
 
+def is_declared(key: str) -> bool:
+  """Whether a dotted key such as 'train.steps' is declared in configs/base.py."""
+  return key in _flat_keys(base.get_config())
+
+
 def validate(cfg) -> None:
   """Raises ConfigError for the first problem found; returns None for a usable config."""
   unknown = sorted(_flat_keys(cfg) - _flat_keys(base.get_config()))

@@ -12,8 +12,10 @@ packs them concat-then-split into windows of `data.seq_len + 1` tokens. Its iter
 into the model's orbax CheckpointManager as the item 'data' (grain registers these args with
 orbax on import, so the manager needs no item_handlers):
 
-  manager.save(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(iterator)))
-  manager.restore(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointRestore(iterator)))
+  manager.save(step, args=ocp.args.Composite(
+      ..., data=grain.checkpoint.CheckpointSave(iterator)))
+  manager.restore(step, args=ocp.args.Composite(
+      ..., data=grain.checkpoint.CheckpointRestore(iterator)))  # Sets the state in place.
 """
 import dataclasses
 import functools
@@ -123,6 +125,10 @@ def _split_of(name: str) -> str:
   raise AssertionError(bucket)
 
 
+def _in_split(split: str):
+  return lambda name: _split_of(name) == split
+
+
 def _documents_in_files(root: pathlib.Path, paths, text_key: str, keep):
   """Yields (name, text) for every non-empty document whose name passes `keep`.
 
@@ -188,7 +194,8 @@ class _NeverRaised(Exception):
 # What tfds's shuffler needs of tensorflow, done with local files: it writes its temporary buckets
 # with tf.io.gfile, so without tensorflow preparing any split over 1 GB would fail.
 _LOCAL_FILES_AS_TF = types.SimpleNamespace(
-    io=types.SimpleNamespace(gfile=types.SimpleNamespace(GFile=open, exists=os.path.exists, remove=os.remove)),
+    io=types.SimpleNamespace(
+        gfile=types.SimpleNamespace(GFile=open, exists=os.path.exists, remove=os.remove)),
     errors=types.SimpleNamespace(ResourceExhaustedError=_NeverRaised))
 
 
@@ -218,7 +225,8 @@ class Pystdlib(tfds.core.GeneratorBasedBuilder):
   name = 'pystdlib'
   VERSION = tfds.core.Version('1.0.0')
   # The files differ between Python versions, so each minor version gets its own prepared copy.
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=f'py{sys.version_info.major}{sys.version_info.minor}')]
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name=f'py{sys.version_info.major}{sys.version_info.minor}')]
 
   def _info(self):
     # DatasetInfo directly: `dataset_info_from_configs` would read metadata files from the
@@ -231,7 +239,7 @@ class Pystdlib(tfds.core.GeneratorBasedBuilder):
     root = pathlib.Path(sysconfig.get_paths()['stdlib'])
     files = _stdlib_files(root)
     return _nonempty_splits({
-        split: self._generate_examples(_documents_in_files(root, files, '', lambda name, s=split: _split_of(name) == s))
+        split: self._generate_examples(_documents_in_files(root, files, '', _in_split(split)))
         for split in SPLITS
     })
 
@@ -260,16 +268,12 @@ class Textdir(tfds.core.GeneratorBasedBuilder):
     text_key = self.builder_config.text_key
     if _has_split_dirs(root):
       # The user's own split: every file under train/ is a training document, and so on.
-      splits = {
-          split: self._generate_examples(_documents_in_files(root, _text_files(root / split), text_key, lambda name: True))
-          for split in SPLITS
-      }
+      splits = {split: _documents_in_files(root, _text_files(root / split), text_key, lambda name: True)
+                for split in SPLITS}
     else:
       files = _text_files(root)
-      splits = {
-          split: self._generate_examples(_documents_in_files(root, files, text_key, lambda name, s=split: _split_of(name) == s))
-          for split in SPLITS
-      }
+      splits = {split: _documents_in_files(root, files, text_key, _in_split(split)) for split in SPLITS}
+    splits = {split: self._generate_examples(documents) for split, documents in splits.items()}
     splits = _nonempty_splits(splits)
     if not splits:
       raise config.ConfigError(
@@ -288,7 +292,8 @@ def _has_split_dirs(root: pathlib.Path) -> bool:
 def _text_files(directory: pathlib.Path) -> list[pathlib.Path]:
   if not directory.is_dir():
     return []
-  return sorted(path for path in directory.rglob('*') if path.suffix in _TEXT_SUFFIXES and path.is_file())
+  return sorted(path for path in directory.rglob('*')
+                if path.suffix in _TEXT_SUFFIXES and path.is_file())
 
 
 def _textdir_config(text_dir: str, text_key: str) -> TextdirConfig:
@@ -319,7 +324,15 @@ def _builder(cfg):
                       file_format='array_record')
     # A prepared copy is reused as is: after changing the files, delete builder.data_dir.
     return builder, tfds.download.DownloadConfig(manual_dir=os.path.abspath(text_dir))
-  raise config.ConfigError(f'data.dataset={cfg.data.dataset!r} is not one of {DATASETS}; pick one of those.')
+  raise config.ConfigError(
+      f'data.dataset={cfg.data.dataset!r} is not one of {DATASETS}; pick one of those.')
+
+
+def _prepared_builder(cfg):
+  builder, download_config = _builder(cfg)
+  _let_tfds_spill_without_tensorflow()
+  builder.download_and_prepare(download_config=download_config)  # Returns at once when prepared.
+  return builder
 
 
 def prepare(cfg) -> str:
@@ -327,10 +340,7 @@ def prepare(cfg) -> str:
 
   With several processes sharing `data.tfds_dir`, call this on one process first.
   """
-  builder, download_config = _builder(cfg)
-  _let_tfds_spill_without_tensorflow()
-  builder.download_and_prepare(download_config=download_config)
-  return os.fspath(builder.data_dir)
+  return os.fspath(_prepared_builder(cfg).data_dir)
 
 
 def load_split(cfg, split: str):
@@ -340,15 +350,14 @@ def load_split(cfg, split: str):
   `:lineno` for a .jsonl line).
   """
   if split not in SPLITS:
-    raise config.ConfigError(f'Split {split!r} (data.train_split / data.eval_split) is not one of {SPLITS}; pick one of those.')
-  builder, download_config = _builder(cfg)
-  _let_tfds_spill_without_tensorflow()
-  builder.download_and_prepare(download_config=download_config)
-  if split not in builder.info.splits or builder.info.splits[split].num_examples == 0:
-    key = 'data.text_dir' if cfg.data.dataset == 'textdir' else 'data.dataset'
     raise config.ConfigError(
-        f'{key}: the {split!r} split of {cfg.data.dataset} has no documents; add documents (or a'
-        f' {split}/ subdirectory) to data.text_dir, or choose another split.')
+        f'Split {split!r} (data.train_split / data.eval_split) is not one of {SPLITS}; pick one.')
+  builder = _prepared_builder(cfg)
+  # tfds cannot write an empty split, so _nonempty_splits left it out.
+  if split not in builder.info.splits or builder.info.splits[split].num_examples == 0:
+    raise config.ConfigError(
+        f'data.text_dir={cfg.data.text_dir!r} has no documents in the {split!r} split; add'
+        f' documents (or a {split}/ subdirectory) there, or evaluate on another split.')
   return builder.as_data_source(split=split)
 
 
@@ -419,8 +428,8 @@ def _process_shard(cfg, split: str, process_index: int, process_count: int) -> g
   shard = grain.MapDataset.source(load_split(cfg, split))[process_index::process_count]
   if len(shard) == 0:
     raise config.ConfigError(
-        f'data.text_dir: the {split!r} split has fewer documents than the {process_count} processes;'
-        ' add documents to data.text_dir or use fewer processes.')
+        f'data.text_dir={cfg.data.text_dir!r}: the {split!r} split has fewer documents than the'
+        f' {process_count} processes; add documents there or use fewer processes.')
   return shard
 
 
@@ -449,12 +458,14 @@ class _SlicesAsTuples(grain.IterDataset):
     return _SlicesAsTuplesIterator(iter(self._parent))
 
 
-def _packed_batches(documents: grain.MapDataset, cfg, batch_rows: int, tokenizer, drop_remainder: bool):
+def _packed_batches(documents: grain.MapDataset, cfg, batch_rows: int, tokenizer,
+                    drop_remainder: bool) -> grain.IterDataset:
   """Tokenized documents -> concat-then-split windows of seq_len + 1 -> batch dicts."""
   tokens = documents.map(functools.partial(_as_tokens_feature, tokenizer=tokenizer))
   windows = _SlicesAsTuples(grain.experimental.ConcatThenSplitIterDataset(
       tokens.to_iter_dataset(_READ_OPTIONS), length_struct={'tokens': cfg.data.seq_len + 1}))
-  examples = windows.map(functools.partial(_window_to_example, separate_documents=cfg.data.separate_documents))
+  examples = windows.map(
+      functools.partial(_window_to_example, separate_documents=cfg.data.separate_documents))
   return examples.batch(batch_rows, drop_remainder=drop_remainder)
 
 
@@ -475,7 +486,8 @@ def train_iterator(cfg, process_index: int = 0, process_count: int = 1) -> grain
     if not flags.FLAGS.is_parsed():
       # grain reads its absl flags in the workers; outside an absl app use their defaults.
       flags.FLAGS.mark_as_parsed()
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
+    batches = batches.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
   return iter(batches)
 
 
@@ -497,9 +509,11 @@ def eval_iterator(cfg, split: str, num_batches: int, process_index: int = 0,
 def documents(cfg, split: str) -> grain.MapDataset:
   """Whole tokenized documents of `split` (int32, BOS first if any) in file order, random access."""
   tokenizer = make_tokenizer(cfg)
-  return grain.MapDataset.source(load_split(cfg, split)).map(functools.partial(_tokenize, tokenizer=tokenizer))
+  source = load_split(cfg, split)
+  return grain.MapDataset.source(source).map(functools.partial(_tokenize, tokenizer=tokenizer))
 
 
 def global_batch(local_batch: dict, sharding: jax.sharding.Sharding) -> dict:
   """Local numpy batch -> global jax arrays, each process contributing its rows."""
-  return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()}
+  return {key: jax.make_array_from_process_local_data(sharding, value)
+          for key, value in local_batch.items()}

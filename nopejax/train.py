@@ -2,6 +2,7 @@
 
 Thin on purpose: the work happens in loop.run(cfg, workdir), which a notebook can call directly.
 """
+import logging as logging_std
 import os
 import sys
 
@@ -19,6 +20,40 @@ def _multi_process() -> bool:
           or 'JAX_COORDINATOR_ADDRESS' in os.environ)
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Keeps orbax's and grain's per-file INFO lines out of the progress log."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(
+        f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'jax', 'tensorflow_datasets'))
+
+
+def _parse_flags(argv):
+  """absl flag parsing, but a bad flag or config override ends in one sentence and exit code 2."""
+  from nopejax import config
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=')[0]
+      if not config.is_declared(key):
+        _fail(f'Unknown config key {key}; every key is declared in configs/base.py, check the spelling there.')
+  try:
+    argv = flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    _fail(f'{" ".join(str(e).split())}; check the flag against configs/base.py.')
+  if _CONFIG.value is None:
+    _fail('No --config given; pass one, e.g. --config configs/tiny.py.')
+  try:
+    _CONFIG.value.keys()  # config_flags loads the file lazily; make a missing file fail here.
+  except OSError:
+    _fail(f'Cannot load the config file {flags.FLAGS["config"].config_filename}; pass an existing file such as configs/tiny.py.')
+  return argv
+
+
+def _fail(message, code=2):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}; every setting is a --config.key=value flag.')
@@ -26,6 +61,7 @@ def main(argv):
   from nopejax import config, loop
   if _multi_process():
     jax.distributed.initialize()
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   cfg = _CONFIG.value
   try:
     if _DRY_RUN.value:
@@ -36,12 +72,10 @@ def main(argv):
     logging.info('Workdir %s', _WORKDIR.value)
     loop.run(cfg, _WORKDIR.value)
   except config.ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
   except FloatingPointError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e), code=1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

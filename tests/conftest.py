@@ -17,3 +17,31 @@ import pytest  # noqa: E402
 def tfds_dir(tmp_path_factory):
   """One prepared copy of the bundled corpus shared by every test in the session."""
   return str(tmp_path_factory.mktemp('tfds'))
+
+
+def small_config(tfds_dir=None):
+  """A model small enough to compile and step in seconds, with dims that divide every test mesh."""
+  from configs import base
+  cfg = base.get_config()
+  cfg.model.num_layers = 2
+  cfg.model.embed_dim = 64
+  cfg.model.num_heads = 4
+  cfg.model.num_kv_heads = 2
+  cfg.model.mlp_dim = 128
+  cfg.data.seq_len = 16
+  cfg.train.batch_size = 8
+  cfg.train.steps = 40
+  cfg.train.warmup_steps = 5
+  cfg.train.log_every = 1
+  cfg.train.eval_every = 0
+  cfg.train.eval_batches = 2
+  cfg.train.checkpoint_every = 10
+  cfg.train.peak_flops_per_device = 1e9  # Skips the matmul timing.
+  if tfds_dir:
+    cfg.data.tfds_dir = tfds_dir
+  return cfg
+
+
+@pytest.fixture
+def small_cfg(tfds_dir):
+  return small_config(tfds_dir)

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from configs import base
 from nopejax import data
@@ -62,7 +63,8 @@ def test_byte_tokenizer_round_trip():
 def test_sentencepiece_tokenizer_trained_here(tmp_path):
   sentencepiece = pytest.importorskip('sentencepiece')
   corpus = tmp_path / 'corpus.txt'
-  corpus.write_text('\n'.join(f'the quick brown fox {i} jumps over the lazy dog {i * 7}' for i in range(200)))
+  sentences = [f'the quick brown fox {i} jumps over the lazy dog {i * 7}' for i in range(200)]
+  corpus.write_text('\n'.join(sentences))
   sentencepiece.SentencePieceTrainer.train(
       input=str(corpus), model_prefix=str(tmp_path / 'sp'), vocab_size=60, minloglevel=2)
   cfg = base.get_config()
@@ -76,7 +78,8 @@ def test_sentencepiece_tokenizer_trained_here(tmp_path):
   assert pickle.loads(pickle.dumps(tokenizer)).encode('the lazy fox 12').tolist() == ids.tolist()
 
   # Whole documents start with BOS.
-  text_dir = write_files(tmp_path / 'docs', {'train/a.txt': 'the quick dog', 'train/b.txt': 'a lazy fox'})
+  text_dir = write_files(tmp_path / 'docs',
+                         {'train/a.txt': 'the quick dog', 'train/b.txt': 'a lazy fox'})
   cfg.data.tfds_dir = str(tmp_path / 'tfds')
   cfg.data.dataset = 'textdir'
   cfg.data.text_dir = text_dir
@@ -118,10 +121,14 @@ def test_pystdlib_splits_are_deterministic_and_disjoint(tfds_dir):
   assert 1500 < len(expected) < 2100
   assert len(names['train']) > 0.85 * len(expected)
   example = data.load_split(cfg, 'validation')[0]
-  assert example['text'].decode() == (root / example['name'].decode()).read_text(encoding='utf-8', errors='replace')
+  path = root / example['name'].decode()
+  assert example['text'].decode() == path.read_text(encoding='utf-8', errors='replace')
 
 
-def test_textdir_reads_txt_and_jsonl_with_text_key(tmp_path, tfds_dir):
+def test_textdir_reads_txt_and_jsonl_with_text_key(tmp_path, tfds_dir, monkeypatch):
+  # Spill to tfds's temporary bucket files after 1 KB instead of 1 GB, as a big corpus does: that
+  # path needs tensorflow unless data.py stands in for it.
+  monkeypatch.setattr(tfds_shuffle, 'MAX_MEM_BUFFER_SIZE', 1000)
   lines = [json.dumps({'content': f'jsonl document {i}', 'id': i}) for i in range(100)]
   lines[5] = ''  # Blank lines are skipped.
   lines[6] = json.dumps({'content': ''})  # And so are empty documents.
@@ -139,10 +146,20 @@ def test_textdir_reads_txt_and_jsonl_with_text_key(tmp_path, tfds_dir):
   expected = {'a.txt': 'first text document', 'sub/b.txt': 'second text document'}
   expected.update({f'c.jsonl:{i + 1}': f'jsonl document {i}' for i in range(100) if i not in (5, 6)})
   assert texts == expected
+  train_names = split_names(cfg, 'train')
+  line_numbers = [int(name.split(':')[1]) for name in train_names if name.startswith('c.jsonl:')]
+  assert line_numbers == sorted(line_numbers) and len(line_numbers) > 80  # File order.
 
   cfg.data.text_key = 'missing'
   with pytest.raises(ValueError, match='data.text_key'):
     data.load_split(cfg, 'train')
+
+
+def test_big_splits_spread_over_tfds_buckets():
+  # tfds sorts each of its 1000 spill buckets in memory: about 1 GB of text per bucket, in order.
+  buckets = [tfds_shuffle.get_bucket_number(hkey=data._example_key(chars), num_buckets=1000)
+             for chars in (0, 10**9 // 2, 5 * 10**9, 2**40 - 1)]
+  assert buckets == [0, 0, 4, 999]
 
 
 def test_textdir_split_subdirectories(tmp_path, tfds_dir):
@@ -184,7 +201,8 @@ def letters_dir(tmp_path):
   files = {}
   for i in range(30):
     length = int(rng.integers(3, 60))
-    files[f'train/doc{i:02d}.txt'] = chr(ord('A') + i % 26) + ''.join(rng.choice(list('abcdefgh'), length - 1))
+    lowercase = ''.join(rng.choice(list('abcdefgh'), length - 1))
+    files[f'train/doc{i:02d}.txt'] = chr(ord('A') + i % 26) + lowercase
   return write_files(tmp_path / 'letters', files)
 
 
@@ -206,8 +224,9 @@ def test_packing_shifts_targets_and_marks_documents(letters_dir, tfds_dir):
   batches = take(data.train_iterator(cfg), 30)  # Over two epochs of the 30 documents.
   for batch in batches:
     assert {key: (value.dtype, value.shape) for key, value in batch.items()} == {
-        'inputs': (np.int32, (4, 16)), 'targets': (np.int32, (4, 16)), 'segment_ids': (np.int32, (4, 16)),
-        'positions': (np.int32, (4, 16)), 'loss_mask': (np.float32, (4, 16))}
+        'inputs': (np.int32, (4, 16)), 'targets': (np.int32, (4, 16)),
+        'segment_ids': (np.int32, (4, 16)), 'positions': (np.int32, (4, 16)),
+        'loss_mask': (np.float32, (4, 16))}
     np.testing.assert_array_equal(batch['targets'][:, :-1], batch['inputs'][:, 1:])
     for row in range(4):
       segment_ids, positions, loss_mask = expected_segments(batch['inputs'][row], batch['targets'][row])
@@ -250,8 +269,10 @@ def test_eval_iterator_is_deterministic_padded_and_limited(letters_dir, tfds_dir
   assert_same_batches(everything[:3], list(data.eval_iterator(cfg, 'train', num_batches=3)))
   # One pass in file order: doc00 starts with 'A'.
   assert chr(everything[0]['inputs'][0, 0]) == 'A'
-  total_tokens = sum(len((pathlib.Path(letters_dir) / 'train' / f'doc{i:02d}.txt').read_text()) for i in range(30))
-  assert sum((batch['segment_ids'] > 0).sum() for batch in everything) == total_tokens - total_tokens // 17
+  total_tokens = sum(len(path.read_text()) for path in (pathlib.Path(letters_dir) / 'train').iterdir())
+  # Every token is an input except the last of each full 17-token window.
+  real_inputs = sum((batch['segment_ids'] > 0).sum() for batch in everything)
+  assert real_inputs == total_tokens - total_tokens // 17
   last = everything[-1]
   assert last['inputs'].shape == (4, 16)  # Padded to the full batch.
   assert (last['loss_mask'][last['segment_ids'] == 0] == 0).all() and (last['segment_ids'] == 0).any()
@@ -259,7 +280,8 @@ def test_eval_iterator_is_deterministic_padded_and_limited(letters_dir, tfds_dir
 
 def test_processes_read_disjoint_documents(tmp_path, tfds_dir):
   # Document i is made only of the character chr(65 + i), so tokens name their document.
-  text_dir = write_files(tmp_path / 'marked', {f'train/{i:02d}.txt': chr(65 + i) * 20 for i in range(40)})
+  text_dir = write_files(tmp_path / 'marked',
+                         {f'train/{i:02d}.txt': chr(65 + i) * 20 for i in range(40)})
   cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=text_dir, seq_len=16)
   cfg.train.batch_size = 4
   seen = []
@@ -337,5 +359,6 @@ def test_global_batch_on_8_device_mesh(tfds_dir):
   for key, array in batch.items():
     assert array.shape == (16, cfg.data.seq_len) and array.dtype == local[key].dtype
     assert array.sharding == sharding
-    assert len(array.addressable_shards) == 8 and array.addressable_shards[0].data.shape == (2, cfg.data.seq_len)
+    assert len(array.addressable_shards) == 8
+    assert array.addressable_shards[0].data.shape == (2, cfg.data.seq_len)
     np.testing.assert_array_equal(np.asarray(array), local[key])

@@ -1,0 +1,105 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conftest import small_config
+from nopejax import model, optim
+
+
+def make(cfg, seed=0):
+  return model.Transformer(cfg, nnx.Rngs(seed))
+
+
+@nnx.jit
+def forward(m, tokens, segment_ids=None):
+  return m(tokens, segment_ids)
+
+
+def test_logits_shape_dtype_and_grouped_query_heads():
+  cfg = small_config()
+  m = make(cfg)
+  assert m.blocks[0].attention.k_DxKxDh.shape == (64, 2, 16)  # 2 kv heads serve 4 query heads.
+  logits = forward(m, jnp.zeros((3, 16), jnp.int32))
+  assert logits.shape == (3, 16, 256) and logits.dtype == jnp.float32
+
+
+def test_temperatures_are_float32_per_head_and_start_at_config_value():
+  cfg = small_config()
+  cfg.model.dtype = 'bfloat16'
+  cfg.model.temperature = 1.5
+  m = make(cfg)
+  temps = nnx.state(m, model.Temperature)
+  leaves = jax.tree.leaves(temps)
+  assert len(leaves) == cfg.model.num_layers
+  for t in leaves:
+    assert t.shape == (4,) and t.dtype == jnp.float32
+    np.testing.assert_array_equal(t, 1.5)
+  assert m(jnp.zeros((1, 4), jnp.int32)).dtype == jnp.float32
+
+
+def test_temperature_scales_queries():
+  """A model with temperature c equals one with q weights times c (q is scaled before attention)."""
+  cfg = small_config()
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  scaled_temperature = make(cfg)
+  for block in scaled_temperature.blocks:
+    block.attention.temperature[...] = jnp.array([1.0, 1.3, 1.6, 2.0])
+  scaled_weights = make(cfg)
+  for block in scaled_weights.blocks:
+    block.attention.q_DxHxDh[...] = block.attention.q_DxHxDh[...] * jnp.array([1.0, 1.3, 1.6, 2.0])[None, :, None]
+  np.testing.assert_allclose(forward(scaled_temperature, tokens), forward(scaled_weights, tokens), atol=1e-4)
+  assert not np.allclose(forward(scaled_temperature, tokens), forward(make(cfg), tokens), atol=1e-3)
+
+
+def test_causal_and_packed_documents_do_not_see_each_other():
+  cfg = small_config()
+  m = make(cfg)
+  doc_a = jax.random.randint(jax.random.key(1), (1, 6), 0, 256)
+  doc_b = jax.random.randint(jax.random.key(2), (1, 10), 0, 256)
+  packed = jnp.concatenate([doc_a, doc_b], axis=1)
+  segments = jnp.array([[1] * 6 + [2] * 10])
+  logits = forward(m, packed, segments)
+  # No position encoding: document b alone, from position 0, gives the same logits as packed.
+  np.testing.assert_allclose(logits[:, 6:], forward(m, doc_b), atol=1e-5)
+  np.testing.assert_allclose(logits[:, :6], forward(m, doc_a), atol=1e-5)
+  # Without segment ids, b's tokens attend to a's.
+  assert not np.allclose(forward(m, packed)[:, 6:], forward(m, doc_b), atol=1e-3)
+  # Causal: changing the last token changes no earlier logit.
+  changed = packed.at[0, -1].set((packed[0, -1] + 1) % 256)
+  np.testing.assert_allclose(forward(m, changed, segments)[:, :-1], logits[:, :-1], atol=1e-6)
+
+
+def test_remat_changes_nothing_but_memory():
+  cfg = small_config()
+  tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 256)
+
+  def loss_and_grads(cfg):
+    graphdef, params, frozen = nnx.split(make(cfg), optim.trainable_filter(cfg), ...)
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p, frozen)(tokens) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  plain_loss, plain_grads = loss_and_grads(cfg)
+  cfg.model.remat = True
+  remat_loss, remat_grads = loss_and_grads(cfg)
+  np.testing.assert_allclose(plain_loss, remat_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_1b_config_has_the_papers_parameter_count():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('config_1b', 'configs/1b.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  state = nnx.state(nnx.eval_shape(lambda: make(cfg)))
+  assert model.count_params(state) == 1_100_048_384
+  assert model.count_params(state, model.Temperature, exclude=None) == 22 * 32
+
+
+def test_flops_per_token_counts_matmul_weights_and_attention():
+  cfg = small_config()
+  D, F, V, L, T = 64, 128, 256, 2, 16
+  weights = L * (D * D * 2 + D * 32 * 2 + 3 * D * F) + D * V
+  assert model.flops_per_token(cfg) == 6 * weights + 12 * L * D * T
