@@ -1,6 +1,7 @@
 """run(cfg, workdir): the training loop, for pretraining and for the temperature search alike."""
 import math
 import os
+import time
 
 import jax
 from absl import logging
@@ -73,19 +74,22 @@ def run(cfg, workdir) -> dict:
       values = {k: float(v) for k, v in jax.device_get(values).items()}
       if not math.isfinite(values['loss']):
         raise FloatingPointError(f'The loss became {values["loss"]} at step {step}; lower train.learning_rate or check the data.')
-      if step % cfg.train.log_every == 0 or step == last_step or 'eval_loss' in values:
+      if step == first_step or step % cfg.train.log_every == 0 or step == last_step or 'eval_loss' in values:
         values.update(throughput.report(step))
         writer.write(step, values)
         metrics.log_line(step, cfg.train.steps, values)
         logged.update(values, step=step)
 
-    for step in range(int(state['step']) + 1, last_step + 1):
+    first_step = int(state['step']) + 1
+    for step in range(first_step, last_step + 1):
       state, step_metrics = train_step(state, data.global_batch(next(train_batches), batch_sharding))
       if pending:
         finish(*pending)  # Step N runs while step N-1's metrics are read.
       pending = (step, step_metrics)
       if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == last_step):
+        eval_start = time.perf_counter()
         step_metrics['eval_loss'] = _evaluate(cfg, eval_step, state, batch_sharding)
+        throughput.exclude(time.perf_counter() - eval_start)
       preempted = manager.reached_preemption(step)
       if step % cfg.train.checkpoint_every == 0 or step == last_step or preempted:
         checkpoint.save(manager, state, train_batches, cfg, base)

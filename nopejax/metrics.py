@@ -82,31 +82,37 @@ class Writer:
 
 
 class Throughput:
-  """Tokens/s and MFU over the steps since the last report."""
+  """Tokens/s and MFU over the steps since the last report, leaving out evaluation time."""
 
   def __init__(self, cfg, num_devices, peak_per_device):
     self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     self.flops_per_token = flops_per_token(cfg)
     self.peak = peak_per_device * num_devices
-    self.start_time, self.start_step = time.perf_counter(), None
+    self.start_time = self.start_step = None
+    self.excluded = 0.0
+
+  def exclude(self, seconds: float) -> None:
+    self.excluded += seconds
 
   def report(self, step: int) -> dict:
+    """Throughput since the previous call; the first call (compilation included) only starts the clock."""
     now = time.perf_counter()
-    if self.start_step is None:
-      self.start_time, self.start_step = now, step
-      return {'tokens_per_sec': float('nan'), 'mfu': float('nan'), 'sec_per_step': float('nan')}
-    seconds = (now - self.start_time) / max(step - self.start_step, 1)
-    self.start_time, self.start_step = now, step
+    if self.start_step is None or step == self.start_step:
+      self.start_time, self.start_step, self.excluded = now, step, 0.0
+      return {}
+    seconds = (now - self.start_time - self.excluded) / (step - self.start_step)
+    self.start_time, self.start_step, self.excluded = now, step, 0.0
     tokens_per_sec = self.tokens_per_step / seconds
     return {'tokens_per_sec': tokens_per_sec, 'mfu': tokens_per_sec * self.flops_per_token / self.peak,
             'sec_per_step': seconds}
 
 
 def log_line(step, total_steps, values) -> None:
-  eta = 'n/a' if np.isnan(values['sec_per_step']) else format_duration(values['sec_per_step'] * (total_steps - step))
   parts = [f'step {step}/{total_steps}', f'loss {values["loss"]:.4f}']
   if 'eval_loss' in values:
     parts.append(f'eval_loss {values["eval_loss"]:.4f}')
-  parts += [f'lr {values["learning_rate"]:.3g}', f'tokens/s {values["tokens_per_sec"]:,.0f}',
-            f'MFU {100 * values["mfu"]:.2f}%', f'ETA {eta}']
+  parts.append(f'lr {values["learning_rate"]:.3g}')
+  if 'tokens_per_sec' in values:
+    parts += [f'tokens/s {values["tokens_per_sec"]:,.0f}', f'MFU {100 * values["mfu"]:.2f}%',
+              f'ETA {format_duration(values["sec_per_step"] * (total_steps - step))}']
   logging.info(' | '.join(parts))

@@ -42,7 +42,7 @@ def make_train_step(cfg, graphdef, tx):
       params = optim.clamp_temperatures(params, cfg.search.min_temperature)
     metrics = {
         'loss': loss,
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'learning_rate': schedule(state['step']),
     }
     return dict(state, step=state['step'] + 1, params=params, opt=opt), metrics

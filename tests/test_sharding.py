@@ -1,0 +1,102 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from conftest import small_config
+from nopejax import optim, sharding, step as step_lib
+from nopejax.config import ConfigError
+
+# Logical axes of every parameter, and the mesh axes configs/base.py's rules send them to.
+EXPECTED_SPECS = {
+    'embed_VxD': P('tensor', 'fsdp'),
+    'head_DxV': P('fsdp', 'tensor'),
+    'q_DxHxDh': P('fsdp', 'tensor', None),
+    'k_DxKxDh': P('fsdp', 'tensor', None),
+    'v_DxKxDh': P('fsdp', 'tensor', None),
+    'o_HxDhxD': P('tensor', None, 'fsdp'),
+    'gate_DxF': P('fsdp', 'tensor'),
+    'up_DxF': P('fsdp', 'tensor'),
+    'down_FxD': P('tensor', 'fsdp'),
+    'scale': P(None),
+    'temperature': P(None),
+}
+
+
+def with_mesh(cfg, data, fsdp, tensor):
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = data, fsdp, tensor
+  return cfg
+
+
+def test_mesh_shape_resolves_minus_one_and_rejects_mismatches():
+  cfg = small_config()
+  assert sharding.mesh_shape(with_mesh(cfg, -1, 2, 2), 8) == (2, 2, 2)
+  assert sharding.mesh_shape(with_mesh(cfg, 1, -1, 1), 8) == (1, 8, 1)
+  with pytest.raises(ConfigError, match='uses 4 devices but 8 are present'):
+    sharding.mesh_shape(with_mesh(cfg, 2, 2, 1), 8)
+  with pytest.raises(ConfigError, match='3 does not divide 8'):
+    sharding.mesh_shape(with_mesh(cfg, -1, 3, 1), 8)
+  with pytest.raises(ConfigError, match='at most one -1'):
+    sharding.mesh_shape(with_mesh(cfg, -1, -1, 1), 8)
+
+
+def test_logical_spec_uses_each_mesh_axis_once():
+  rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'))
+  assert sharding.logical_spec(('batch', 'seq'), rules) == P(('data', 'fsdp'), None)
+  assert sharding.logical_spec(('embed', 'mlp'), rules) == P('fsdp', 'tensor')
+  assert sharding.logical_spec(('batch', 'embed'), rules) == P(('data', 'fsdp'), None)
+
+
+def test_parameter_that_does_not_divide_the_mesh_is_named():
+  cfg = with_mesh(small_config(), 1, 1, 8)  # 2 kv heads cannot split 8 ways.
+  mesh = sharding.make_mesh(cfg)
+  with pytest.raises(ConfigError, match=r'Parameter .*k_DxKxDh .* cannot be split 8 ways'):
+    step_lib.abstract_state(cfg, mesh, optim.make_optimizer(cfg))
+
+
+@pytest.mark.parametrize('mesh_sizes', [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_train_step_runs_and_keeps_every_parameter_sharded(mesh_sizes):
+  cfg = with_mesh(small_config(), *mesh_sizes)
+  mesh = sharding.make_mesh(cfg)
+  tx = optim.make_optimizer(cfg)
+  with jax.set_mesh(mesh):
+    graphdef, _, shardings = step_lib.abstract_state(cfg, mesh, tx)
+    state = step_lib.init_state(cfg, shardings, tx)
+    batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
+    tokens = jax.random.randint(jax.random.key(0), (8, 17), 0, 256)
+    batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': jnp.ones((8, 16), jnp.int32),
+             'positions': jnp.tile(jnp.arange(16), (8, 1)), 'loss_mask': jnp.ones((8, 16))}
+    batch = jax.device_put(batch, batch_sharding)
+    train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx),
+                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+    new_state, metrics = train_step(state, batch)
+    assert np.isfinite(float(metrics['loss']))
+
+  assert dict(mesh.shape) == dict(zip(sharding.MESH_AXES, mesh_sizes))
+  checked = set()
+  for tree in (new_state['params'], new_state['frozen'], new_state['opt']):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
+      if not isinstance(leaf, nnx.Variable):
+        continue  # Optimizer counters: replicated scalars.
+      name = str(path[-1].key)
+      expected = EXPECTED_SPECS[name]
+      array = leaf[...]
+      assert array.sharding.spec == expected, (path, array.sharding.spec)
+      # Each device holds exactly its shard: the array is really split, not replicated.
+      ways = [int(np.prod([mesh.shape[a] for a in ((e,) if isinstance(e, str) else e or ())])) for e in expected]
+      assert array.sharding.shard_shape(array.shape) == tuple(d // w for d, w in zip(array.shape, ways))
+      checked.add(name)
+  assert checked == set(EXPECTED_SPECS)
+
+
+def test_bytes_per_device_divides_sharded_parameters():
+  cfg = with_mesh(small_config(), 1, 8, 1)
+  mesh = sharding.make_mesh(cfg)
+  _, abstract, shardings = step_lib.abstract_state(cfg, mesh, optim.make_optimizer(cfg))
+  model_state = step_lib.model_state(abstract)
+  total = sum(x.size * 4 for x in jax.tree.leaves(model_state))
+  per_device = sharding.bytes_per_device(model_state, step_lib.model_state(shardings))
+  vectors = sum(x.size * 4 for x in jax.tree.leaves(model_state) if x.ndim == 1)  # Norms, temperatures: replicated.
+  assert per_device == (total - vectors) // 8 + vectors
