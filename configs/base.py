@@ -89,6 +89,19 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.search.base = ''  # Workdir of the pretrained model whose weights are frozen.
   cfg.search.init = '1.0'  # Every temperature's start: a number, or 'auto' for the best uniform c.
   cfg.search.min_temperature = 1.0  # Projection after each update: c_h >= this.
+  cfg.search.init_candidates = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5)  # Uniform values tried by init='auto'.
+
+  # Length-generalization evaluation (python -m nopejax.evaluate).
+  cfg.eval = ml_collections.ConfigDict()
+  cfg.eval.lengths = ()  # Window lengths n; () = 1, 2, 4, 8 and 16 x the pretraining data.seq_len.
+  cfg.eval.stride = 0  # Sliding-window stride (tokens scored per window); 0 = min(256, pretraining length / 4).
+  cfg.eval.max_tokens = 65536  # Scored tokens per length, at most.
+  cfg.eval.split = 'test'
+  cfg.eval.batch_size = 8  # Windows per forward pass.
+  cfg.eval.query_chunk = 256  # Queries per attention chunk on the long-context path.
+  cfg.eval.passkey_depths = 10  # 0%, 10%, ..., 90%.
+  cfg.eval.passkey_keys = 5  # Random keys per depth and length.
+  cfg.eval.entropy_documents = 16  # Documents averaged for the attention entropy curves.
 
   cfg.lock()
   return cfg

@@ -16,7 +16,7 @@ from flax import nnx
 
 from nopejax import config, step as step_lib
 from nopejax.config import ConfigError
-from nopejax.model import Temperature, Transformer
+from nopejax.model import Temperature, Transformer, set_temperatures
 
 SHAPE_KEYS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim')
 
@@ -41,7 +41,7 @@ def make_manager(workdir, cfg) -> ocp.CheckpointManager:
 
 
 def _reader(workdir) -> ocp.CheckpointManager:
-  return _manager(workdir, ocp.CheckpointManagerOptions(read_only=True))
+  return _manager(workdir, ocp.CheckpointManagerOptions(create=False))  # read_only=True only adds warnings.
 
 
 def latest_step(workdir) -> int | None:
@@ -138,8 +138,11 @@ def restore(workdir, cfg, graphdef, abstract_state, data_iterator, step):
   return state, meta
 
 
-def load(workdir):
-  """(model, config) of the latest checkpoint in any workdir nopejax writes, on the default device."""
+def load(workdir, temperature=None):
+  """(model, config) of the latest checkpoint in any workdir nopejax writes, on the default device.
+
+  `temperature` replaces every head's temperature by that uniform value (a zero-shot c).
+  """
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
     raise ConfigError(f'{workdir} has no config.json, so it is not a nopejax workdir; pass the --workdir of a run.')
@@ -149,4 +152,8 @@ def load(workdir):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract_model_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_model_state)
-  return nnx.merge(graphdef, restore_model(workdir, cfg, abstract_model_state)), cfg
+  model_state = restore_model(workdir, cfg, abstract_model_state)
+  if temperature is not None:
+    model_state = set_temperatures(model_state, temperature)
+    cfg.model.temperature = temperature
+  return nnx.merge(graphdef, model_state), cfg

@@ -72,8 +72,6 @@ def validate(cfg) -> None:
     raise ConfigError(f'train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}; lower train.warmup_steps.')
   if t.batch_size <= 0 or cfg.data.seq_len <= 0:
     raise ConfigError('train.batch_size and data.seq_len must be positive; set both to positive integers.')
-  if t.trainable == 'temperature' and not cfg.search.base:
-    raise ConfigError("train.trainable='temperature' needs search.base, the workdir of a pretrained model; set --config.search.base=DIR.")
   if cfg.search.base and t.trainable != 'temperature':
     raise ConfigError("search.base is set but train.trainable is 'model'; set --config.train.trainable=temperature or clear search.base.")
   search_init(cfg)

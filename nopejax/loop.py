@@ -6,21 +6,11 @@ import time
 import jax
 from absl import logging
 
-from nopejax import checkpoint, config, data, metrics, model, optim, sharding, step as step_lib
+from nopejax import checkpoint, config, data, metrics, model, optim, search, sharding, step as step_lib
 
 
 def _process_shard():
   return jax.process_index(), jax.process_count()
-
-
-def _evaluate(cfg, eval_step, state, batch_sharding) -> float:
-  """Mean next-token loss over the fixed validation batches."""
-  loss_sum, count = 0.0, 0.0
-  for batch in data.eval_iterator(cfg, cfg.data.eval_split, cfg.train.eval_batches, *_process_shard()):
-    batch_sum, batch_count = eval_step(state['params'], state['frozen'], data.global_batch(batch, batch_sharding))
-    # Reading back every batch keeps few collectives queued (XLA:CPU hangs with ~30 queued).
-    loss_sum, count = loss_sum + float(batch_sum), count + float(batch_count)
-  return loss_sum / max(count, 1.0)
 
 
 def _write_config(cfg, workdir) -> None:
@@ -41,27 +31,34 @@ def run(cfg, workdir) -> dict:
   tx = optim.make_optimizer(cfg)
   peak_flops = metrics.peak_flops_per_device(cfg)  # Outside the mesh: it times one device alone.
   last_step = min(cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
+  is_search = cfg.train.trainable == 'temperature'
+  if is_search and not cfg.search.base:
+    raise config.ConfigError("train.trainable='temperature' needs search.base, the workdir of a pretrained model; set --config.search.base=DIR.")
   logging.info('Mesh %s over %d devices (%s).', dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
 
   with jax.set_mesh(mesh):
-    # -------------------------------------------------------------- State: resume or start.
+    # -------------------------------------------------------------- Compiled steps, state.
     graphdef, abstract, shardings = step_lib.abstract_state(cfg, mesh, tx)
     batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
+    train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx),
+                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                         donate_argnums=0)
+    eval_step = jax.jit(step_lib.make_eval_step(cfg, graphdef))
+
+    def validation_loss(params, frozen):
+      return step_lib.mean_eval_loss(cfg, eval_step, params, frozen, batch_sharding, *_process_shard())
+
     train_batches = data.train_iterator(cfg, *_process_shard())
     resume_step = checkpoint.latest_step(workdir)
     if resume_step is not None:
       state, meta = checkpoint.restore(workdir, cfg, graphdef, abstract, train_batches, resume_step)
       base = meta['base']
       logging.info('Resumed from step %d in %s.', resume_step, workdir)
+    elif is_search:
+      state, base = search.start_state(cfg, workdir, graphdef, abstract, shardings, tx, validation_loss)
     else:
       state, base = step_lib.init_state(cfg, shardings, tx), None
     _write_config(cfg, workdir)
-
-    # -------------------------------------------------------------- Compiled steps.
-    train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx),
-                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                         donate_argnums=0)
-    eval_step = jax.jit(step_lib.make_eval_step(cfg, graphdef))
 
     # -------------------------------------------------------------- Loop.
     manager = checkpoint.make_manager(workdir, cfg)
@@ -88,7 +85,7 @@ def run(cfg, workdir) -> dict:
       pending = (step, step_metrics)
       if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == last_step):
         eval_start = time.perf_counter()
-        step_metrics['eval_loss'] = _evaluate(cfg, eval_step, state, batch_sharding)
+        step_metrics['eval_loss'] = validation_loss(state['params'], state['frozen'])
         throughput.exclude(time.perf_counter() - eval_start)
       preempted = manager.reached_preemption(step)
       if step % cfg.train.checkpoint_every == 0 or step == last_step or preempted:
@@ -101,6 +98,8 @@ def run(cfg, workdir) -> dict:
       finish(*pending)
     if saved_step != int(state['step']):
       checkpoint.save(manager, state, train_batches, cfg, base)
+    if is_search:
+      search.write_temperatures(workdir, search.temperatures_by_layer(state['params']))
     manager.wait_until_finished()
     manager.close()
     writer.close()

@@ -61,6 +61,28 @@ class Attention(nnx.Module):
     q, k, v = self.qkv(x_BxTxD)
     return self.out(attention.attend(q, k, v, segment_ids_BxT, self.implementation))
 
+  def forward_chunked(self, x_BxTxD, query_chunk, with_entropy=False):
+    """One sequence per row (no segments), `query_chunk` queries at a time: memory linear in T.
+
+    Returns (out_BxTxD, entropy_BxHxT or None, k_BxTxKxDh, v_BxTxKxDh). The keys are unscaled (the
+    temperature multiplies q only), so they can fill a KV cache that any temperature can read.
+    """
+    q, k, v = self.qkv(x_BxTxD)
+    y_BxTxHxDh, entropy_BxHxT = attention.attend_chunked(q, k, v, query_chunk, with_entropy)
+    return self.out(y_BxTxHxDh), entropy_BxHxT, k, v
+
+  def decode(self, x_Bx1xD, cache, index_B):
+    """One new token per row at position index_B: its k, v go into the cache, then it attends.
+
+    cache = {'k': k_BxSxKxDh, 'v': v_BxSxKxDh}; entries past a row's index are ignored.
+    Returns (out_Bx1xD, updated cache).
+    """
+    q_Bx1xHxDh, k_Bx1xKxDh, v_Bx1xKxDh = self.qkv(x_Bx1xD)
+    cache = {'k': attention.write_cache(cache['k'], k_Bx1xKxDh[:, 0], index_B),
+             'v': attention.write_cache(cache['v'], v_Bx1xKxDh[:, 0], index_B)}
+    y_Bx1xHxDh, _ = attention.attend_rows(q_Bx1xHxDh, cache['k'], cache['v'], index_B[:, None], with_entropy=False)
+    return self.out(y_Bx1xHxDh), cache
+
 
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate x) * up x)."""
@@ -89,6 +111,19 @@ class Block(nnx.Module):
   def __call__(self, x_BxTxD, segment_ids_BxT):
     x_BxTxD = x_BxTxD + self.attention(self.attention_norm(x_BxTxD), segment_ids_BxT)
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+
+  def forward_chunked(self, x_BxTxD, query_chunk, with_entropy=False):
+    """The block on the long-context path: (x_BxTxD, entropy_BxHxT or None, k, v); see Attention."""
+    y_BxTxD, entropy_BxHxT, k, v = self.attention.forward_chunked(
+        self.attention_norm(x_BxTxD), query_chunk, with_entropy)
+    x_BxTxD = x_BxTxD + y_BxTxD
+    return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), entropy_BxHxT, k, v
+
+  def decode(self, x_Bx1xD, cache, index_B):
+    """The block for one cached decoding step: (x_Bx1xD, updated cache)."""
+    y_Bx1xD, cache = self.attention.decode(self.attention_norm(x_Bx1xD), cache, index_B)
+    x_Bx1xD = x_Bx1xD + y_Bx1xD
+    return x_Bx1xD + self.mlp(self.mlp_norm(x_Bx1xD)), cache
 
 
 def _run_block(block, x_BxTxD, segment_ids_BxT):
@@ -130,6 +165,64 @@ class Transformer(nnx.Module):
       x_BxTxD = self.run_block(block, x_BxTxD, segment_ids_BxT)
     x_BxTxD = self.final_norm(x_BxTxD)
     return jnp.einsum('btd,dv->btv', x_BxTxD, self.head_DxV[...].astype(self.dtype)).astype(jnp.float32)
+
+  # ------------------------------------------------------------------------------------------
+  # Evaluation and decoding: one document per row, attention a query chunk at a time.
+
+  def head(self, x_BxTxD):
+    """Final norm and output projection of hidden states: logits_BxTxV, float32."""
+    x_BxTxD = self.final_norm(x_BxTxD)
+    return jnp.einsum('btd,dv->btv', x_BxTxD, self.head_DxV[...].astype(self.dtype)).astype(jnp.float32)
+
+  def _forward_chunked(self, tokens_BxT, query_chunk, with_entropy):
+    x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.dtype)
+    entropies, caches = [], []
+    for block in self.blocks:
+      x_BxTxD, entropy_BxHxT, k_BxTxKxDh, v_BxTxKxDh = block.forward_chunked(x_BxTxD, query_chunk, with_entropy)
+      entropies.append(entropy_BxHxT)
+      caches.append({'k': k_BxTxKxDh, 'v': v_BxTxKxDh})
+    entropy_LxBxHxT = jnp.stack(entropies) if with_entropy else None
+    return x_BxTxD, entropy_LxBxHxT, caches
+
+  def forward_chunked(self, tokens_BxT, query_chunk, with_entropy=False):
+    """Hidden states before the final norm (x_BxTxD; logits = head(x)) and, if asked, entropy_LxBxHxT.
+
+    Causal, no segments, `query_chunk` queries at a time: nothing of size T^2 is formed, so
+    memory grows linearly with T. Equals `__call__(tokens_BxT)` up to float rounding
+    (attention runs in float32 here). The entropy is each layer's and head's attention entropy
+    at each query position, in nats.
+    """
+    x_BxTxD, entropy_LxBxHxT, _ = self._forward_chunked(tokens_BxT, query_chunk, with_entropy)
+    return x_BxTxD, entropy_LxBxHxT
+
+  def prefill(self, tokens_BxT, cache_len, query_chunk):
+    """Runs a prompt and returns (x_BxTxD as forward_chunked, KV cache of cache_len >= T positions).
+
+    The cache is a list over layers of {'k': BxSxKxDh, 'v': BxSxKxDh}, unscaled keys. Rows may be
+    right-padded: a row whose prompt has P < T tokens continues with decode(..., index P), which
+    overwrites the padding's cache entries before any query can see them.
+    """
+    x_BxTxD, _, caches = self._forward_chunked(tokens_BxT, query_chunk, with_entropy=False)
+    extra = cache_len - tokens_BxT.shape[1]
+    caches = [{name: jnp.pad(c, ((0, 0), (0, extra), (0, 0), (0, 0))) for name, c in cache.items()}
+              for cache in caches]
+    return x_BxTxD, caches
+
+  def decode(self, tokens_B, cache, index_B):
+    """One greedy-decoding step: token b at position index_B[b] -> (logits_BxV float32, updated cache)."""
+    x_Bx1xD = jnp.take(self.embed_VxD[...], tokens_B[:, None], axis=0).astype(self.dtype)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x_Bx1xD, layer_cache = block.decode(x_Bx1xD, layer_cache, index_B)
+      new_cache.append(layer_cache)
+    return self.head(x_Bx1xD)[:, 0], new_cache
+
+
+def set_temperatures(state, value):
+  """`state` with every temperature set to `value` (same shapes, dtypes and shardings): a uniform c."""
+  def set_value(v):
+    return v.replace(jnp.full_like(v[...], value)) if isinstance(v, Temperature) else v
+  return jax.tree.map(set_value, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 def count_params(state, variable_type=nnx.Param, exclude=Temperature) -> int:

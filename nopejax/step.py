@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nopejax import optim, sharding
+from nopejax import data, optim, sharding
 from nopejax.model import Transformer
 
 
@@ -59,6 +59,16 @@ def make_eval_step(cfg, graphdef):
     return cross_entropy(logits_BxTxV, batch['targets'], batch['loss_mask'])
 
   return eval_step
+
+
+def mean_eval_loss(cfg, eval_step, params, frozen, batch_sharding, process_index=0, process_count=1) -> float:
+  """Mean next-token loss over the fixed validation batches (train.eval_batches of data.eval_split)."""
+  loss_sum, count = 0.0, 0.0
+  for batch in data.eval_iterator(cfg, cfg.data.eval_split, cfg.train.eval_batches, process_index, process_count):
+    batch_sum, batch_count = eval_step(params, frozen, data.global_batch(batch, batch_sharding))
+    # Reading back every batch keeps few collectives queued (XLA:CPU hangs with ~30 queued).
+    loss_sum, count = loss_sum + float(batch_sum), count + float(batch_count)
+  return loss_sum / max(count, 1.0)
 
 
 def _init_fn(cfg, tx):

@@ -1,0 +1,41 @@
+"""The paper's head-temperature search of the 1B NoPE model at 8K (method.md, section 3).
+
+704 temperatures (22 layers x 32 heads) train from 1.6, the best uniform value at 8K, while the
+1.1B weights stay frozen: AdamW (0.9, 0.95), no weight decay, clip 1.0, lr 0.1, 200 steps of
+8 x 8192 tokens (13M tokens), 10% warmup then cosine to 0.01, c_h >= 1 after every step.
+
+  python -m nopejax.train --config configs/1b_search.py --workdir gs://BUCKET/runs/nope-1b-search8k \
+      --config.search.base=gs://BUCKET/runs/nope-1b \
+      --config.data.text_dir=/data/slimpajama_starcoder --config.data.tokenizer=/data/llama2.model
+"""
+import importlib.util
+import pathlib
+
+
+def _config_1b():
+  # '1b' is no valid module name, so load the sibling file by path.
+  spec = importlib.util.spec_from_file_location('config_1b', pathlib.Path(__file__).with_name('1b.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config():
+  cfg = _config_1b()
+  cfg.data.seq_len = 8192
+  cfg.train.trainable = 'temperature'
+  cfg.train.steps = 200
+  cfg.train.batch_size = 8
+  cfg.train.learning_rate = 0.1
+  cfg.train.warmup_steps = 20
+  cfg.train.final_lr_fraction = 0.1
+  cfg.train.b1 = 0.9
+  cfg.train.b2 = 0.95
+  cfg.train.weight_decay = 0.0
+  cfg.train.clip_norm = 1.0
+  cfg.train.log_every = 10
+  cfg.train.eval_every = 50
+  cfg.train.checkpoint_every = 50
+  cfg.search.init = '1.6'
+  cfg.search.min_temperature = 1.0
+  return cfg

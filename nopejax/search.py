@@ -1,0 +1,79 @@
+"""The temperature search's own pieces: start from a pretrained run, choose the start, record the result.
+
+The search itself is the ordinary training loop with `train.trainable='temperature'`: the
+trainable partition is the layers x heads temperatures and everything else is frozen.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from nopejax import checkpoint, config, model, step as step_lib
+from nopejax.config import ConfigError
+from nopejax.model import Temperature
+
+
+def temperatures_by_layer(state) -> list[list[float]]:
+  """[layer][head] temperatures of any state holding them (a model state or the search's params)."""
+  blocks = nnx.to_pure_dict(nnx.filter_state(state, Temperature))['blocks']
+  return [np.asarray(jax.device_get(blocks[i]['attention']['temperature']), np.float64).tolist()
+          for i in sorted(blocks)]
+
+
+def uniform_sweep(cfg, params, frozen, validation_loss):
+  """The best uniform temperature for the target length: validation loss at data.seq_len for each candidate."""
+  losses = {}
+  for c in cfg.search.init_candidates:
+    losses[c] = validation_loss(model.set_temperatures(params, c), frozen)
+    logging.info('search.init sweep: c=%.2f validation loss %.4f', c, losses[c])
+  best = min(losses, key=losses.get)
+  return best, losses
+
+
+def start_state(cfg, workdir, graphdef, abstract, shardings, tx, validation_loss):
+  """A fresh search state: the base run's weights (on this mesh), temperatures at search.init.
+
+  Returns (state, base) where base = {'workdir', 'step'} names the checkpoint the weights came from.
+  """
+  base_dir = os.path.abspath(cfg.search.base)
+  base_step = checkpoint.latest_step(base_dir)
+  if base_step is None:
+    raise ConfigError(f'search.base={cfg.search.base} holds no checkpoint; point it at a pretraining --workdir.')
+  model_state = checkpoint.restore_model(base_dir, cfg, step_lib.model_state(abstract), base_step)
+  params, frozen = step_lib.split_model_state(cfg, graphdef, model_state)
+  init = config.search_init(cfg)
+  if init == 'auto':
+    init, losses = uniform_sweep(cfg, params, frozen, validation_loss)
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, 'search_init.json'), 'w') as f:
+        json.dump({'chosen': init, 'validation_loss': {str(c): l for c, l in losses.items()}}, f, indent=2)
+  logging.info('Temperature search from %s step %d, every temperature starting at %.2f.', base_dir, base_step, init)
+  params = jax.device_put(model.set_temperatures(params, init), shardings['params'])
+  state = {'step': jax.device_put(jnp.int32(0), shardings['step']), 'params': params,
+           'frozen': frozen, 'opt': jax.jit(tx.init, out_shardings=shardings['opt'])(params)}
+  return state, {'workdir': base_dir, 'step': base_step}
+
+
+def write_temperatures(workdir, temperatures) -> None:
+  """WORKDIR/temperatures.json and a layers x heads heatmap, temperatures.png."""
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, 'temperatures.json'), 'w') as f:
+    json.dump({'temperatures': temperatures}, f, indent=1)
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  grid = np.array(temperatures)
+  fig, ax = plt.subplots(figsize=(1 + 0.35 * grid.shape[1], 1 + 0.35 * grid.shape[0]), constrained_layout=True)
+  image = ax.imshow(grid, cmap='viridis', aspect='auto')
+  ax.set_xlabel('head')
+  ax.set_ylabel('layer')
+  ax.set_title('searched temperature c_h')
+  fig.colorbar(image, ax=ax)
+  fig.savefig(os.path.join(workdir, 'temperatures.png'), dpi=120)
+  plt.close(fig)

@@ -1,0 +1,182 @@
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import nopejax
+from conftest import small_config
+from nopejax import loop, model, optim, search, sharding, step as step_lib
+from nopejax.config import ConfigError
+
+PRETRAIN_LENGTH = 16
+
+
+@pytest.fixture(scope='module')
+def base_run(tfds_dir, tmp_path_factory):
+  """A small NoPE model pretrained at length 16, long enough that its loss past 16 can be improved."""
+  workdir = str(tmp_path_factory.mktemp('base'))
+  cfg = small_config(tfds_dir)
+  cfg.train.steps = 300
+  cfg.train.batch_size = 16
+  cfg.train.warmup_steps = 20
+  cfg.train.log_every = 50
+  cfg.train.checkpoint_every = 300
+  loop.run(cfg, workdir)
+  return workdir
+
+
+def search_config(tfds_dir, base):
+  cfg = small_config(tfds_dir)
+  cfg.data.seq_len = 4 * PRETRAIN_LENGTH
+  cfg.train.trainable = 'temperature'
+  cfg.train.steps = 30
+  cfg.train.warmup_steps = 3
+  cfg.train.learning_rate = 0.1
+  cfg.train.weight_decay = 0.0
+  cfg.train.eval_every = 30
+  cfg.train.eval_batches = 8
+  cfg.train.checkpoint_every = 10
+  cfg.search.base = base
+  cfg.search.init = 'auto'
+  cfg.search.init_candidates = (1.0,)  # The sweep then just measures the loss at c = 1.
+  return cfg
+
+
+@pytest.fixture(scope='module')
+def search_run(base_run, tfds_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('search'))
+  cfg = search_config(tfds_dir, base_run)
+  logged = loop.run(cfg, workdir)
+  return cfg, workdir, logged
+
+
+def non_temperature_params(m):
+  return nnx.to_pure_dict(nnx.state(m, nnx.All(nnx.Param, nnx.Not(model.Temperature))))
+
+
+def test_search_leaves_every_other_weight_bit_for_bit(base_run, search_run):
+  _, workdir, _ = search_run
+  base_model, _ = nopejax.load(base_run)
+  searched_model, _ = nopejax.load(workdir)
+  jax.tree.map(np.testing.assert_array_equal, non_temperature_params(base_model), non_temperature_params(searched_model))
+  # ... while the temperatures did move.
+  assert not np.allclose(search.temperatures_by_layer(nnx.state(searched_model)), 1.0)
+
+
+def test_temperatures_are_clamped_at_the_minimum(search_run):
+  _, workdir, _ = search_run
+  with open(os.path.join(workdir, 'temperatures.json')) as f:
+    temperatures = np.array(json.load(f)['temperatures'])
+  assert temperatures.shape == (2, 4)
+  assert temperatures.min() >= 1.0
+  # Started at 1.0: heads whose gradient pointed below 1 sit exactly on the bound.
+  assert (temperatures == 1.0).any() and (temperatures > 1.0).any()
+  assert os.path.getsize(os.path.join(workdir, 'temperatures.png')) > 0
+
+
+def test_search_lowers_validation_loss_at_4x_the_training_length(search_run):
+  _, workdir, logged = search_run
+  with open(os.path.join(workdir, 'search_init.json')) as f:
+    loss_at_one = json.load(f)['validation_loss']['1.0']
+  assert logged['step'] == 30
+  assert logged['eval_loss'] < loss_at_one
+
+
+def test_search_checkpoint_holds_only_temperatures_and_points_to_its_base(base_run, search_run):
+  _, workdir, _ = search_run
+  step_dir = os.path.join(workdir, 'checkpoints', '30')
+  saved = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, 'model'))
+  leaves = jax.tree_util.tree_flatten_with_path(saved)[0]
+  assert len(leaves) == 2 and all(str(path[-1].key) == 'temperature' for path, _ in leaves)
+  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
+    meta = json.load(f)
+  assert meta['kind'] == 'search'
+  assert meta['base'] == {'workdir': os.path.abspath(base_run), 'step': 300}
+
+
+def test_optimizer_state_exists_only_for_temperatures(tfds_dir, base_run):
+  cfg = search_config(tfds_dir, base_run)
+  mesh = sharding.make_mesh(cfg)
+  _, abstract, _ = step_lib.abstract_state(cfg, mesh, optim.make_optimizer(cfg))
+  leaves = jax.tree.leaves(abstract['opt'])
+  # Adam's two moments per temperature (2 layers x 4 heads), plus Adam's and the schedule's step counters.
+  assert sum(x.size for x in leaves if x.dtype == jnp.float32) == 2 * 2 * 4
+  assert [x.shape for x in leaves if x.dtype != jnp.float32] == [(), ()]
+  assert model.count_params(abstract['params'], exclude=None) == 8
+
+
+def count_dots(cfg):
+  mesh = sharding.make_mesh(cfg)
+  tx = optim.make_optimizer(cfg)
+  with jax.set_mesh(mesh):
+    graphdef, abstract, _ = step_lib.abstract_state(cfg, mesh, tx)
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in ('inputs', 'targets', 'segment_ids', 'positions')}
+    batch['loss_mask'] = jax.ShapeDtypeStruct((B, T), jnp.float32)
+    text = jax.jit(step_lib.make_train_step(cfg, graphdef, tx)).lower(abstract, batch).as_text()
+  return [shape.rstrip('x') for shape in re.findall(r'stablehlo.dot_general.*?-> tensor<([0-9x]*)f32>', text)]
+
+
+def test_search_step_computes_no_weight_gradients(tfds_dir, base_run):
+  pretrain_cfg = search_config(tfds_dir, base_run)
+  pretrain_cfg.train.trainable, pretrain_cfg.search.base = 'model', ''
+  pretrain_dots = count_dots(pretrain_cfg)
+  search_dots = count_dots(search_config(tfds_dir, base_run))
+  # A weight gradient contracts over batch and time, so its shape does not start with the batch (8).
+  weight_gradients = lambda dots: [d for d in dots if not d.startswith('8x')]
+  assert len(weight_gradients(pretrain_dots)) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; head.
+  assert weight_gradients(search_dots) == []
+  assert len(search_dots) <= len(pretrain_dots) - 15
+
+
+def test_search_resumes_on_another_mesh(base_run, tfds_dir, tmp_path):
+  cfg = search_config(tfds_dir, base_run)
+  cfg.train.stop_after = 10
+  loop.run(cfg, str(tmp_path))
+  saved = search.temperatures_by_layer(nnx.state(nopejax.load(str(tmp_path))[0]))
+  cfg.train.stop_after = 0
+  cfg.train.steps = 12
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+  mesh = sharding.make_mesh(cfg)
+  tx = optim.make_optimizer(cfg)
+  with jax.set_mesh(mesh):
+    graphdef, abstract, _ = step_lib.abstract_state(cfg, mesh, tx)
+    from nopejax import checkpoint, data
+    state, meta = checkpoint.restore(str(tmp_path), cfg, graphdef, abstract, data.train_iterator(cfg), 10)
+  assert search.temperatures_by_layer(state['params']) == saved
+  weight = state['frozen']['blocks'][0]['attention']['q_DxHxDh'][...]
+  assert weight.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor', None)
+  assert dict(weight.sharding.mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  logged = loop.run(cfg, str(tmp_path))  # And training goes on there.
+  assert logged['step'] == 12
+
+
+def test_uniform_sweep_picks_the_lowest_validation_loss():
+  cfg = small_config()
+  cfg.search.init_candidates = (1.0, 1.5, 2.0)
+  params = nnx.state(model.Transformer(cfg, nnx.Rngs(0)), model.Temperature)
+  fake_loss = lambda params, frozen: abs(search.temperatures_by_layer(params)[0][0] - 1.4)
+  best, losses = search.uniform_sweep(cfg, params, None, fake_loss)
+  assert best == 1.5 and set(losses) == {1.0, 1.5, 2.0}
+
+
+def test_search_without_base_is_refused(tfds_dir, tmp_path):
+  cfg = search_config(tfds_dir, '')
+  with pytest.raises(ConfigError, match='needs search.base'):
+    loop.run(cfg, str(tmp_path))
+  cfg.search.base = str(tmp_path / 'missing')
+  with pytest.raises(ConfigError, match='holds no checkpoint'):
+    loop.run(cfg, str(tmp_path / 'out'))
+
+
+def test_load_with_uniform_temperature(search_run):
+  _, workdir, _ = search_run
+  m, cfg = nopejax.load(workdir, temperature=1.5)
+  assert cfg.model.temperature == 1.5
+  assert np.all(np.array(search.temperatures_by_layer(nnx.state(m))) == 1.5)
