@@ -102,6 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.eval.passkey_depths = 10  # 0%, 10%, ..., 90%.
   cfg.eval.passkey_keys = 5  # Random keys per depth and length.
   cfg.eval.entropy_documents = 16  # Documents averaged for the attention entropy curves.
+  cfg.eval.position_documents = 32  # Documents averaged for the loss-by-position curve.
+  cfg.eval.seed = 0  # Seeds the passkeys.
 
   cfg.lock()
   return cfg

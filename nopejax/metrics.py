@@ -107,7 +107,7 @@ class Throughput:
             'sec_per_step': seconds}
 
 
-def log_line(step, total_steps, values) -> None:
+def log_line(step, total_steps, values) -> str:
   parts = [f'step {step}/{total_steps}', f'loss {values["loss"]:.4f}']
   if 'eval_loss' in values:
     parts.append(f'eval_loss {values["eval_loss"]:.4f}')
@@ -115,4 +115,6 @@ def log_line(step, total_steps, values) -> None:
   if 'tokens_per_sec' in values:
     parts += [f'tokens/s {values["tokens_per_sec"]:,.0f}', f'MFU {100 * values["mfu"]:.2f}%',
               f'ETA {format_duration(values["sec_per_step"] * (total_steps - step))}']
-  logging.info(' | '.join(parts))
+  line = ' | '.join(parts)
+  logging.info(line)
+  return line

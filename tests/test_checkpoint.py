@@ -1,0 +1,87 @@
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import nopejax
+from conftest import small_config
+from nopejax import checkpoint, data, loop, optim, sharding, step as step_lib
+from nopejax.config import ConfigError
+
+
+@pytest.fixture(scope='module')
+def trained(tfds_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  cfg = small_config(tfds_dir)
+  cfg.train.steps = 10
+  loop.run(cfg, workdir)
+  return cfg, workdir
+
+
+def restore_on(cfg, workdir, mesh_sizes):
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_sizes
+  mesh = sharding.make_mesh(cfg)
+  tx = optim.make_optimizer(cfg)
+  with jax.set_mesh(mesh):
+    graphdef, abstract, _ = step_lib.abstract_state(cfg, mesh, tx)
+    return checkpoint.restore(workdir, cfg, graphdef, abstract, data.train_iterator(cfg), 10)
+
+
+def test_restore_onto_another_mesh_gives_the_same_arrays(trained):
+  cfg, workdir = trained
+  on_data, meta = restore_on(cfg, workdir, (8, 1, 1))
+  on_cube, _ = restore_on(cfg, workdir, (2, 2, 2))
+  assert meta['step'] == 10 and meta['kind'] == 'pretrain'
+  assert int(on_cube['step']) == 10
+  jax.tree.map(np.testing.assert_array_equal, on_data['params'], on_cube['params'])
+  jax.tree.map(np.testing.assert_array_equal, on_data['opt'], on_cube['opt'])
+  embed = on_cube['params']['embed_VxD'][...]
+  assert embed.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
+
+
+def test_load_matches_the_restored_train_state(trained):
+  cfg, workdir = trained
+  state, _ = restore_on(cfg, workdir, (8, 1, 1))
+  m, _ = nopejax.load(workdir)
+  np.testing.assert_array_equal(m.blocks[1].mlp.up_DxF[...], state['params']['blocks'][1]['mlp']['up_DxF'][...])
+
+
+def test_damaged_checkpoint_is_reported_in_one_sentence(trained, tmp_path):
+  cfg, workdir = trained
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  model_dir = os.path.join(copy, 'checkpoints', '10', 'model')
+  for root, _, files in os.walk(model_dir):
+    for name in files:
+      if name != '_METADATA' and not name.startswith('_'):
+        with open(os.path.join(root, name), 'wb') as f:
+          f.write(b'garbage')
+  with pytest.raises(ConfigError, match=r'checkpoints/10 does not fit this model or is damaged .*use a matching config or another --workdir'):
+    nopejax.load(copy)
+
+
+def test_unreadable_meta_and_missing_workdirs(trained, tmp_path):
+  _, workdir = trained
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(os.path.join(copy, 'checkpoints', '10', 'meta'))
+  with pytest.raises(ConfigError, match='cannot be read'):
+    nopejax.load(copy)
+  with pytest.raises(ConfigError, match='has no config.json'):
+    nopejax.load(str(tmp_path / 'nothing'))
+  os.makedirs(tmp_path / 'empty')
+  shutil.copy(os.path.join(workdir, 'config.json'), tmp_path / 'empty')
+  with pytest.raises(ConfigError, match='holds no checkpoint'):
+    nopejax.load(str(tmp_path / 'empty'))
+
+
+def test_search_run_against_a_pretrain_workdir_is_refused(trained, tfds_dir):
+  _, workdir = trained
+  cfg = small_config(tfds_dir)
+  cfg.train.trainable = 'temperature'
+  cfg.search.base = workdir
+  with pytest.raises(ConfigError, match='holds a pretrain run but the config describes a search run'):
+    loop.run(cfg, workdir)

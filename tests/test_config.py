@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from configs import base
+from nopejax import config
+from nopejax.config import ConfigError
+
+
+def checked(**changes):
+  cfg = base.get_config()
+  for dotted, value in changes.items():
+    section, key = dotted.split('__')
+    cfg[section][key] = value
+  config.validate(cfg)
+
+
+def test_base_config_is_valid_and_locked():
+  cfg = base.get_config()
+  config.validate(cfg)
+  with pytest.raises(AttributeError):
+    cfg.train.stepz = 3
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'model__num_heads': 3}, 'model.num_heads=3 does not divide model.embed_dim=128'),
+    ({'model__num_kv_heads': 3}, 'model.num_kv_heads=3 does not divide model.num_heads=4'),
+    ({'model__position': 'rope'}, "model.position='rope' is not one of"),
+    ({'model__dtype': 'float16'}, "model.dtype='float16' is not one of"),
+    ({'model__temperature': 0.0}, 'model.temperature=0.0 must be positive'),
+    ({'train__trainable': 'all'}, "train.trainable='all' is not one of"),
+    ({'train__warmup_steps': 5000}, 'train.warmup_steps=5000 exceeds train.steps=2000'),
+    ({'search__init': 'warm'}, "search.init='warm' is neither a number nor 'auto'"),
+    ({'search__base': 'runs/x'}, "search.base is set but train.trainable is 'model'"),
+])
+def test_bad_values_name_the_key(changes, message):
+  with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('.', r'\.')):
+    checked(**changes)
+
+
+def test_head_dim_given_explicitly_frees_the_width_constraint():
+  checked(model__num_heads=3, model__head_dim=32, model__num_kv_heads=1)
+
+
+def test_search_init_parses_numbers_and_auto():
+  cfg = base.get_config()
+  cfg.search.init = '1.6'
+  assert config.search_init(cfg) == 1.6
+  cfg.search.init = 'auto'
+  assert config.search_init(cfg) == 'auto'
+
+
+def test_saved_config_round_trips_with_tuples_and_rejects_unknown_keys():
+  cfg = base.get_config()
+  cfg.train.steps = 77
+  restored = config.from_dict(json.loads(config.to_json(cfg)))
+  assert restored == cfg and isinstance(restored.mesh.rules[0][1], tuple)
+  with pytest.raises(ConfigError, match='Unknown config key train.stepz'):
+    config.from_dict({'train': {'stepz': 1}})
+
+
+def test_is_declared():
+  assert config.is_declared('train.steps') and not config.is_declared('train.stepz')

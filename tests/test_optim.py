@@ -1,0 +1,65 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conftest import small_config
+from nopejax import model, optim
+
+
+def split(cfg):
+  return nnx.split(model.Transformer(cfg, nnx.Rngs(0)), optim.trainable_filter(cfg), ...)
+
+
+def names(state):
+  return {str(path[-1].key) for path, _ in jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]}
+
+
+def test_pretraining_trains_all_but_temperatures_and_the_search_only_them():
+  cfg = small_config()
+  _, params, frozen = split(cfg)
+  assert 'temperature' not in names(params) and names(frozen) == {'temperature'}
+  cfg.train.trainable = 'temperature'
+  _, params, frozen = split(cfg)
+  assert names(params) == {'temperature'} and 'temperature' not in names(frozen)
+
+
+def test_weight_decay_skips_norms_and_temperatures():
+  cfg = small_config()
+  cfg.train.warmup_steps = 0  # With zero gradients, only weight decay can move a parameter.
+  cfg.train.learning_rate = 1e-2
+  cfg.train.weight_decay = 0.5
+  m = model.Transformer(cfg, nnx.Rngs(0))
+  state = nnx.state(m, nnx.Param)  # Temperatures included, to see they are not decayed.
+  tx = optim.make_optimizer(cfg)
+  zero_grads = jax.tree.map(jnp.zeros_like, state)
+  updates, _ = tx.update(zero_grads, tx.init(state), state)
+  for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    name = str(path[-2].key)
+    if name in ('scale', 'temperature'):
+      np.testing.assert_array_equal(update, 0.0)
+    else:
+      assert np.abs(update).max() > 0, name
+
+
+def test_schedule_warms_up_then_decays_to_the_final_fraction():
+  cfg = small_config()
+  cfg.train.learning_rate, cfg.train.warmup_steps, cfg.train.steps = 0.1, 10, 100
+  cfg.train.final_lr_fraction = 0.1
+  schedule = optim.learning_rate_schedule(cfg)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(5)), 0.05, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(10)), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(100)), 0.01, rtol=1e-6)
+
+
+def test_clamp_projects_only_temperatures():
+  cfg = small_config()
+  m = model.Transformer(cfg, nnx.Rngs(0))
+  state = model.set_temperatures(nnx.state(m, nnx.Param), 0.5)
+  clamped = optim.clamp_temperatures(state, 1.0)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(clamped)[0]:
+    if str(path[-2].key) == 'temperature':
+      np.testing.assert_array_equal(leaf, 1.0)
+  np.testing.assert_array_equal(clamped['embed_VxD'][...], state['embed_VxD'][...])
