@@ -17,9 +17,14 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# Pretrain the tiny NoPE model, then search its temperatures at 4x the length. A finished run is
+# found complete and skipped when `make demo` runs again.
 demo: setup
 	$(PY) -m nopejax.train --config configs/tiny.py --workdir $(DEMO_DIR)/pretrain
-	@echo "Results: $(DEMO_DIR)/pretrain (metrics.jsonl, tensorboard/, checkpoints/)"
+	$(PY) -m nopejax.train --config configs/tiny_search.py --workdir $(DEMO_DIR)/search \
+	    --config.search.base=$(DEMO_DIR)/pretrain
+	@echo "Pretraining: $(DEMO_DIR)/pretrain (metrics.jsonl, tensorboard/, checkpoints/)"
+	@echo "Search:      $(DEMO_DIR)/search (temperatures.json, temperatures.png, search_init.json)"
 
 test: setup
 	$(PY) -m pytest -q

@@ -5,12 +5,22 @@ import time
 
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from nopejax import checkpoint, config, data, metrics, model, optim, search, sharding, step as step_lib
 
 
 def _process_shard():
   return jax.process_index(), jax.process_count()
+
+
+def _prepare_data(cfg) -> None:
+  """Builds the tfds corpus once: process 0 first, so hosts sharing data.tfds_dir do not race."""
+  if jax.process_index() == 0:
+    data.prepare(cfg)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('nopejax data prepared')
+    data.prepare(cfg)  # Finds process 0's copy on shared storage, or builds this host's own.
 
 
 def _write_config(cfg, workdir) -> None:
@@ -48,6 +58,7 @@ def run(cfg, workdir) -> dict:
     def validation_loss(params, frozen):
       return step_lib.mean_eval_loss(cfg, eval_step, params, frozen, batch_sharding, *_process_shard())
 
+    _prepare_data(cfg)
     train_batches = data.train_iterator(cfg, *_process_shard())
     resume_step = checkpoint.latest_step(workdir)
     if resume_step is not None:
