@@ -8,6 +8,7 @@ from configs import base
 POSITIONS = ('nope',)
 DTYPES = ('float32', 'bfloat16')
 TRAINABLE = ('model', 'temperature')
+ATTENTION_IMPLS = ('xla', 'cudnn')
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,8 @@ def validate(cfg) -> None:
     raise ConfigError(f'model.position={m.position!r} is not one of {POSITIONS}; pick one of those.')
   if m.dtype not in DTYPES:
     raise ConfigError(f'model.dtype={m.dtype!r} is not one of {DTYPES}; pick one of those.')
+  if m.attention_impl not in ATTENTION_IMPLS:
+    raise ConfigError(f'model.attention_impl={m.attention_impl!r} is not one of {ATTENTION_IMPLS}; pick one of those.')
   if m.num_heads <= 0 or (not m.head_dim and m.embed_dim % m.num_heads):
     raise ConfigError(
         f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; '

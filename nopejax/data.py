@@ -49,6 +49,8 @@ _MAX_SPLIT_CHARS = 1 << (128 - _KEY_SHIFT)
 # Bounded read-ahead: with book-length documents (PG19) the default 500 prefetched documents
 # would hold gigabytes of tokens.
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
+# Training reads one stream per batch row: one thread and a short read-ahead each.
+_ROW_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,15 +408,6 @@ def _window_to_example(window: dict, separate_documents: bool) -> dict:
   }
 
 
-def _pad_rows(batch: dict, rows: int) -> dict:
-  """Pads a short final eval batch with all-padding rows so every batch has the same shape."""
-  missing = rows - len(batch['inputs'])
-  if missing == 0:
-    return batch
-  return {key: np.concatenate([value, np.zeros((missing,) + value.shape[1:], value.dtype)])
-          for key, value in batch.items()}
-
-
 def _local_batch_size(cfg, process_count: int) -> int:
   if cfg.train.batch_size % process_count:
     raise config.ConfigError(
@@ -458,31 +451,35 @@ class _SlicesAsTuples(grain.IterDataset):
     return _SlicesAsTuplesIterator(iter(self._parent))
 
 
-def _packed_batches(documents: grain.MapDataset, cfg, batch_rows: int, tokenizer,
-                    drop_remainder: bool) -> grain.IterDataset:
-  """Tokenized documents -> concat-then-split windows of seq_len + 1 -> batch dicts."""
+def _packed_windows(documents: grain.MapDataset, cfg, tokenizer, read_options) -> grain.IterDataset:
+  """Tokenized documents -> concat-then-split windows of seq_len + 1 -> model examples."""
   tokens = documents.map(functools.partial(_as_tokens_feature, tokenizer=tokenizer))
   windows = _SlicesAsTuples(grain.experimental.ConcatThenSplitIterDataset(
-      tokens.to_iter_dataset(_READ_OPTIONS), length_struct={'tokens': cfg.data.seq_len + 1}))
-  examples = windows.map(
-      functools.partial(_window_to_example, separate_documents=cfg.data.separate_documents))
-  return examples.batch(batch_rows, drop_remainder=drop_remainder)
+      tokens.to_iter_dataset(read_options), length_struct={'tokens': cfg.data.seq_len + 1}))
+  return windows.map(functools.partial(_window_to_example, separate_documents=cfg.data.separate_documents))
+
+
+def _stack_rows(rows) -> dict:
+  return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
 def train_iterator(cfg, process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
   """Endless, shuffled, packed local batches of this process's shard of `data.train_split`.
 
   Yields dicts of numpy arrays with `train.batch_size // process_count` rows (see
-  `_window_to_example`). The iterator has get_state()/set_state() for checkpoints.
+  `_window_to_example`). Each row is its own stream of documents (every rows-th document of the
+  shuffled shard), so a batch holds windows of `rows` different documents; one packed stream cut
+  into rows would fill a batch with consecutive windows of one long file, and train far worse.
+  The iterator has get_state()/set_state() for checkpoints.
   """
   batch_rows = _local_batch_size(cfg, process_count)
   tokenizer = make_tokenizer(cfg)
   documents = _process_shard(cfg, cfg.data.train_split, process_index, process_count)
   # Shuffle before repeat: the repeated index reaches the shuffle, which reseeds every epoch.
   documents = documents.shuffle(seed=cfg.data.shuffle_seed).repeat()
-  batches = _packed_batches(documents, cfg, batch_rows, tokenizer, drop_remainder=True)
+  rows = [_packed_windows(documents[row::batch_rows], cfg, tokenizer, _ROW_READ_OPTIONS) for row in range(batch_rows)]
+  batches = grain.experimental.ZipIterDataset(rows).map(_stack_rows)
   if cfg.data.worker_count > 0:
-    # Each worker packs its own slice of the documents; the result is still deterministic.
     if not flags.FLAGS.is_parsed():
       # grain reads its absl flags in the workers; outside an absl app use their defaults.
       flags.FLAGS.mark_as_parsed()
@@ -493,16 +490,16 @@ def train_iterator(cfg, process_index: int = 0, process_count: int = 1) -> grain
 
 def eval_iterator(cfg, split: str, num_batches: int, process_index: int = 0,
                   process_count: int = 1) -> grain.DatasetIterator:
-  """At most `num_batches` packed local batches of `split`, in file order, the same every call.
+  """`num_batches` packed local batches of `split`, without shuffling, the same every call.
 
-  One pass without shuffling; the last batch is padded (loss_mask 0) to the full batch shape.
-  Processes whose shard runs out early yield fewer batches: keep num_batches within the split.
+  Row r reads documents r, r + rows, ... in file order, like training's row streams, so a batch
+  spans `rows` documents. The documents repeat if the split runs out before num_batches.
   """
   batch_rows = _local_batch_size(cfg, process_count)
   tokenizer = make_tokenizer(cfg)
-  documents = _process_shard(cfg, split, process_index, process_count)
-  batches = _packed_batches(documents, cfg, batch_rows, tokenizer, drop_remainder=False)
-  batches = batches.map(functools.partial(_pad_rows, rows=batch_rows))
+  documents = _process_shard(cfg, split, process_index, process_count).repeat()
+  rows = [_packed_windows(documents[row::batch_rows], cfg, tokenizer, _ROW_READ_OPTIONS) for row in range(batch_rows)]
+  batches = grain.experimental.ZipIterDataset(rows).map(_stack_rows)
   return iter(grain.experimental.LimitIterDataset(batches, count=num_batches))
 
 

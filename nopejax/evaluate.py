@@ -25,7 +25,8 @@ import optax
 from absl import logging
 from flax import nnx
 
-from nopejax import config, data
+import nopejax
+from nopejax import checkpoint, config, data
 from nopejax.config import ConfigError
 
 # The paper's passkey prompt (method.md, section 5), byte for byte.
@@ -82,12 +83,12 @@ def perplexity(documents, length: int, stride: int, max_tokens: int, batch_size:
   'windows', 'documents', 'tokens'}; perplexity and nll are None when no document is long enough.
   """
   max_windows = max(1, max_tokens // stride)
-  window_nlls, batch, documents_used = [], [], 0
+  scored, batch, documents_used = [], [], 0  # scored: (nll_BxS, rows that count) per batch.
 
   def flush():
     rows = np.stack(batch + [batch[0]] * (batch_size - len(batch)))
-    nll_BxS = np.asarray(score_windows(rows), np.float64)[:len(batch)]
-    window_nlls.extend(nll_BxS.mean(axis=1))
+    # Not read back yet: the next batch is dispatched while this one runs.
+    scored.append((score_windows(rows), len(batch)))
     batch.clear()
 
   for doc in documents:
@@ -95,14 +96,15 @@ def perplexity(documents, length: int, stride: int, max_tokens: int, batch_size:
     if not starts:
       continue
     documents_used += 1
-    for start in starts[:max_windows - len(window_nlls) - len(batch)]:
+    for start in starts[:max_windows - sum(rows for _, rows in scored) - len(batch)]:
       batch.append(np.asarray(doc[start:start + length], np.int32))
       if len(batch) == batch_size:
         flush()
-    if len(window_nlls) + len(batch) >= max_windows:
+    if sum(rows for _, rows in scored) + len(batch) >= max_windows:
       break
   if batch:
     flush()
+  window_nlls = [w for nll_BxS, rows in scored for w in np.asarray(nll_BxS, np.float64)[:rows].mean(axis=1)]
   if not window_nlls:
     return {'perplexity': None, 'nll': None, 'windows': 0, 'documents': 0, 'tokens': 0}
   nll = float(np.mean(window_nlls))
@@ -328,7 +330,6 @@ class _CachedDocuments:
 
 def _run_info(workdir, cfg) -> dict:
   """Kind, step, pretraining length (from the base run for a search) and search length of a workdir."""
-  from nopejax import checkpoint  # Imported here: the computing functions above need no orbax.
   step = checkpoint.latest_step(workdir)
   meta = checkpoint.read_meta(workdir, step)
   info = {'kind': meta['kind'], 'step': step, 'pretrain_length': cfg.data.seq_len, 'search_length': None}
@@ -410,7 +411,6 @@ def evaluate(workdir, overrides=None, out=None) -> dict:
   every head to that value. out: the output directory (default `default_out_dir`). Returns the
   results dict. Raises ConfigError for anything the user must fix, before writing anything.
   """
-  import nopejax
   overrides = dict(overrides or {})
   check_overrides(overrides)
   temperature = overrides.pop('model.temperature', None)
@@ -753,9 +753,6 @@ def _override_keys(argv) -> list[str]:
 def _parse_flags(argv):
   """absl flag parsing; a bad flag or override ends in one sentence and exit code 2."""
   from absl import flags
-  for key in _override_keys(argv):
-    if not config.is_declared(key):
-      _fail(f'Unknown config key {key}; every key is declared in configs/base.py, check the spelling there.')
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError, SyntaxError) as e:
@@ -787,7 +784,18 @@ def main(argv):
     _fail(str(e))
 
 
+def _check_override_keys(argv) -> None:
+  # Before the flags exist: config_flags reads the overrides from sys.argv when defining them.
+  for key in _override_keys(argv):
+    if not config.is_declared(key):
+      _fail(f'Unknown config key {key}; every key is declared in configs/base.py, check the spelling there.')
+
+
 if __name__ == '__main__':
   from absl import app
-  _define_flags()
+  _check_override_keys(sys.argv)
+  try:
+    _define_flags()
+  except Exception as e:  # config_flags parses the overrides' types here.
+    _fail(f'{" ".join(str(e).split())}; check the --config.* flags against configs/base.py.')
   app.run(main, flags_parser=_parse_flags)

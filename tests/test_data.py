@@ -251,7 +251,7 @@ def document_starts(batches):
 
 def test_train_stream_reshuffles_each_epoch(letters_dir, tfds_dir):
   cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=letters_dir, seq_len=16)
-  cfg.train.batch_size = 4
+  cfg.train.batch_size = 1  # One row: one stream of documents.
   starts = document_starts(take(data.train_iterator(cfg), 60))
   first_epoch, second_epoch = starts[:30], starts[30:60]
   assert sorted(first_epoch) == sorted(chr(ord('A') + i % 26) for i in range(30))
@@ -261,21 +261,30 @@ def test_train_stream_reshuffles_each_epoch(letters_dir, tfds_dir):
   assert document_starts(take(data.train_iterator(cfg), 5))[:5] != starts[:5]
 
 
-def test_eval_iterator_is_deterministic_padded_and_limited(letters_dir, tfds_dir):
+def test_each_batch_row_reads_its_own_documents(tmp_path, tfds_dir):
+  # Document i is made only of the character chr(65 + i), so tokens name their document.
+  text_dir = write_files(tmp_path / 'rows', {f'train/{i:02d}.txt': chr(65 + i) * 100 for i in range(16)})
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=text_dir, seq_len=16)
+  cfg.train.batch_size = 4
+  batches = take(data.train_iterator(cfg), 6)
+  for batch in batches:
+    row_documents = [set(row.tolist()) for row in batch['inputs']]
+    # Long documents are not cut into consecutive rows of one batch: every row is another document.
+    assert len(set().union(*row_documents)) >= 4
+  # Across batches a row continues its own document (a 100-token document spans several windows).
+  assert batches[0]['inputs'][0, 0] == batches[1]['inputs'][0, 0]
+
+
+def test_eval_iterator_is_deterministic_limited_and_spans_documents(letters_dir, tfds_dir):
   cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=letters_dir, seq_len=16)
   cfg.train.batch_size = 4
-  everything = list(data.eval_iterator(cfg, 'train', num_batches=1000))
-  assert_same_batches(everything, list(data.eval_iterator(cfg, 'train', num_batches=1000)))
+  everything = list(data.eval_iterator(cfg, 'train', num_batches=40))
+  assert len(everything) == 40  # The split is repeated when it runs out.
+  assert_same_batches(everything, list(data.eval_iterator(cfg, 'train', num_batches=40)))
   assert_same_batches(everything[:3], list(data.eval_iterator(cfg, 'train', num_batches=3)))
-  # One pass in file order: doc00 starts with 'A'.
-  assert chr(everything[0]['inputs'][0, 0]) == 'A'
-  total_tokens = sum(len(path.read_text()) for path in (pathlib.Path(letters_dir) / 'train').iterdir())
-  # Every token is an input except the last of each full 17-token window.
-  real_inputs = sum((batch['segment_ids'] > 0).sum() for batch in everything)
-  assert real_inputs == total_tokens - total_tokens // 17
-  last = everything[-1]
-  assert last['inputs'].shape == (4, 16)  # Padded to the full batch.
-  assert (last['loss_mask'][last['segment_ids'] == 0] == 0).all() and (last['segment_ids'] == 0).any()
+  # No shuffling: row r starts with document r, in file order.
+  assert [chr(t) for t in everything[0]['inputs'][:, 0]] == ['A', 'B', 'C', 'D']
+  assert all(batch['inputs'].shape == (4, 16) for batch in everything)
 
 
 def test_processes_read_disjoint_documents(tmp_path, tfds_dir):

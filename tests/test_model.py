@@ -103,3 +103,45 @@ def test_flops_per_token_counts_matmul_weights_and_attention():
   D, F, V, L, T = 64, 128, 256, 2, 16
   weights = L * (D * D * 2 + D * 32 * 2 + 3 * D * F) + D * V
   assert model.flops_per_token(cfg) == 6 * weights + 12 * L * D * T
+
+
+def test_chunked_forward_equals_the_training_forward():
+  cfg = small_config()
+  m = make(cfg)
+  for block in m.blocks:
+    block.attention.temperature[...] = jnp.array([1.0, 1.3, 1.6, 2.0])
+  tokens = jax.random.randint(jax.random.key(4), (2, 21), 0, 256)
+  x, entropy = nnx.jit(lambda m, t: m.forward_chunked(t, 8, with_entropy=True))(m, tokens)
+  np.testing.assert_allclose(m.head(x), forward(m, tokens), atol=1e-5)
+  assert entropy.shape == (2, 2, 4, 21)  # [layers, batch, heads, positions]
+  # Every entropy lies in [0, ln i] at 1-based position i.
+  assert np.all(entropy >= -1e-6) and np.all(entropy <= np.log(np.arange(1, 22)) + 1e-5)
+
+
+def test_cached_decoding_equals_the_full_forward_pass():
+  """Prefill of right-padded prompts of different lengths, then one token at a time with the KV cache."""
+  cfg = small_config()
+  m = make(cfg, seed=1)
+  for block in m.blocks:
+    block.attention.temperature[...] = jnp.array([1.0, 1.5, 2.0, 1.2])  # The cache holds unscaled keys.
+  tokens = jax.random.randint(jax.random.key(5), (2, 24), 0, 256)
+  full = forward(m, tokens)
+  prompt_lengths = jnp.array([9, 14])
+  # Row 0's padding (positions 9..13) holds junk the decoding steps must overwrite before use.
+  prompts = tokens[:, :14].at[0, 9:].set(7)
+
+  @nnx.jit
+  def run(m, prompts, tokens):
+    x, cache = m.prefill(prompts, 24, query_chunk=4)
+    logits = [m.head(x)]
+    for step in range(10):
+      index = prompt_lengths + step
+      step_logits, cache = m.decode(tokens[jnp.arange(2), index], cache, index)
+      logits.append(step_logits)
+    return logits
+
+  prefill_logits, *step_logits = run(m, prompts, tokens)
+  np.testing.assert_allclose(prefill_logits[1], full[1, :14], atol=1e-5)
+  np.testing.assert_allclose(prefill_logits[0, :9], full[0, :9], atol=1e-5)
+  for step, logits in enumerate(step_logits):
+    np.testing.assert_allclose(logits, full[jnp.arange(2), prompt_lengths + step], atol=1e-5)
