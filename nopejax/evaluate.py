@@ -14,6 +14,7 @@ call them; `evaluate` and `compare` are what the command line runs.
 """
 import functools
 import json
+import logging as logging_std
 import math
 import os
 import sys
@@ -75,41 +76,41 @@ def perplexity(documents, length: int, stride: int, max_tokens: int, batch_size:
   """Sliding-window perplexity at `length` (method.md, section 5).
 
   documents: iterable of 1-D token arrays. score_windows(windows_BxN) -> nll_BxS: the NLL of each
-  window's last S = `stride` tokens, each predicted from the window's tokens before it. At most
-  `max_tokens // stride` windows (at least one), in document order; the last batch is padded with
-  copies of its first row, whose scores are dropped.
+  window's last S = `stride` tokens, each predicted from the window's tokens before it.
+  At most W = max(1, max_tokens // stride) windows, spread over as many documents as possible:
+  the first W documents at least `length` long (in file order), every one's first window, then
+  every one's second window, and so on. The last batch is padded with copies of its first row,
+  whose scores are dropped.
 
   Returns {'perplexity': exp(mean over windows of the window's mean NLL), 'nll': that mean,
   'windows', 'documents', 'tokens'}; perplexity and nll are None when no document is long enough.
   """
   max_windows = max(1, max_tokens // stride)
-  scored, batch, documents_used = [], [], 0  # scored: (nll_BxS, rows that count) per batch.
-
-  def flush():
-    rows = np.stack(batch + [batch[0]] * (batch_size - len(batch)))
-    # Not read back yet: the next batch is dispatched while this one runs.
-    scored.append((score_windows(rows), len(batch)))
-    batch.clear()
-
+  eligible = []  # (document, its window starts)
   for doc in documents:
     starts = window_starts(len(doc), length, stride)
-    if not starts:
-      continue
-    documents_used += 1
-    for start in starts[:max_windows - sum(rows for _, rows in scored) - len(batch)]:
-      batch.append(np.asarray(doc[start:start + length], np.int32))
-      if len(batch) == batch_size:
-        flush()
-    if sum(rows for _, rows in scored) + len(batch) >= max_windows:
+    if starts:
+      eligible.append((doc, starts))
+      if len(eligible) == max_windows:
+        break
+  windows = []  # (document index, start), round robin over the documents.
+  for round_ in range(max((len(starts) for _, starts in eligible), default=0)):
+    windows += [(d, starts[round_]) for d, (_, starts) in enumerate(eligible) if round_ < len(starts)]
+    if len(windows) >= max_windows:
       break
-  if batch:
-    flush()
-  window_nlls = [w for nll_BxS, rows in scored for w in np.asarray(nll_BxS, np.float64)[:rows].mean(axis=1)]
-  if not window_nlls:
+  windows = windows[:max_windows]
+  if not windows:
     return {'perplexity': None, 'nll': None, 'windows': 0, 'documents': 0, 'tokens': 0}
+  scored = []  # (nll_BxS, rows that count): not read back yet, so the next batch is dispatched meanwhile.
+  for first in range(0, len(windows), batch_size):
+    batch = [np.asarray(eligible[d][0][start:start + length], np.int32)
+             for d, start in windows[first:first + batch_size]]
+    rows = np.stack(batch + [batch[0]] * (batch_size - len(batch)))
+    scored.append((score_windows(rows), len(batch)))
+  window_nlls = [w for nll_BxS, rows in scored for w in np.asarray(nll_BxS, np.float64)[:rows].mean(axis=1)]
   nll = float(np.mean(window_nlls))
-  return {'perplexity': math.exp(nll), 'nll': nll, 'windows': len(window_nlls), 'documents': documents_used,
-          'tokens': len(window_nlls) * stride}
+  return {'perplexity': math.exp(nll), 'nll': nll, 'windows': len(windows),
+          'documents': len({d for d, _ in windows}), 'tokens': len(windows) * stride}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +241,9 @@ def _encode(tokenizer, text: str) -> np.ndarray:
 def passkey_answer(tokenizer, prompt: str, key: int) -> np.ndarray:
   """The ids the model must generate: those that ' {key}' adds after the prompt.
 
-  Bytes: ' 12345' (6 ids). Llama's SentencePiece: '▁', '1', ..., '5', the ids the reference
-  implementation compares (tokenizer(str(key)) without BOS). Falls back to encode(str(key)).
+  Bytes: ' 12345' (6 ids). A SentencePiece tokenizer that splits digits (Llama's) gives the word
+  marker then the digits, as the reference implementation's tokenizer(str(key)) without BOS does.
+  Falls back to encode(str(key)) when the prompt's ids are not a prefix of the longer text's.
   """
   prompt_ids, full_ids = tokenizer.encode(prompt), tokenizer.encode(f'{prompt} {key}')
   if len(full_ids) > len(prompt_ids) and np.array_equal(full_ids[:len(prompt_ids)], prompt_ids):
@@ -348,10 +350,14 @@ def _run_info(workdir, cfg) -> dict:
 def eval_lengths(cfg, pretrain_length: int) -> tuple[list[int], int]:
   """(window lengths, stride) from cfg.eval, defaults resolved against the pretraining length; checked."""
   e = cfg.eval
-  lengths = [int(n) for n in e.lengths] or [k * pretrain_length for k in (1, 2, 4, 8, 16)]
+  if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in e.lengths):
+    raise ConfigError(f'eval.lengths={e.lengths!r} must hold positive integers; '
+                      "set e.g. --config.eval.lengths='(2048,8192)', or () for 1 to 16 x the pretraining length.")
+  lengths = list(e.lengths) or [k * pretrain_length for k in (1, 2, 4, 8, 16)]
   stride = e.stride or max(1, min(256, pretrain_length // 4))
   if stride <= 0:
-    raise ConfigError(f'eval.stride={e.stride} must be positive (or 0 for the default); set e.g. --config.eval.stride=256.')
+    raise ConfigError(f'eval.stride={e.stride} must be positive (or 0 for the default); '
+                      'set e.g. --config.eval.stride=256.')
   too_short = [n for n in lengths if n <= stride]
   if too_short:
     raise ConfigError(f'eval.lengths has {too_short[0]}, not longer than the stride {stride}; '
@@ -371,7 +377,8 @@ def check_overrides(overrides: dict) -> None:
   """Only the temperature, the corpus and eval.* may differ from the trained run's config."""
   for key in overrides:
     if not config.is_declared(key):
-      raise ConfigError(f'Unknown config key {key}; every key is declared in configs/base.py, check the spelling there.')
+      raise ConfigError(
+          f'Unknown config key {key}; every key is declared in configs/base.py, check the spelling there.')
     if not (key.startswith('eval.') or key in _OVERRIDABLE):
       raise ConfigError(f'{key} describes the trained run and cannot change at evaluation; '
                         f'only eval.*, {", ".join(_OVERRIDABLE)} can be overridden.')
@@ -507,8 +514,18 @@ def smooth(values, window: int) -> np.ndarray:
 
 
 def smoothing_window(n: int) -> int:
-  """The moving-average width of the position plots: 1% of the curve."""
-  return max(1, n // 100)
+  """The moving-average width of the position plots: 2% of the curve."""
+  return max(1, n // 50)
+
+
+def _length_axes(ax, lengths, values):
+  """Log-2 x axis ticked at the lengths; log y only when the values span more than 10x."""
+  ax.set_xscale('log', base=2)
+  ax.set_xticks(lengths, [str(n) for n in lengths])
+  ax.minorticks_off()
+  finite = [v for v in values if v is not None and np.isfinite(v)]
+  if finite and max(finite) > 10 * min(finite):
+    ax.set_yscale('log')
 
 
 def _mark_lengths(ax, results, vertical=True):
@@ -532,7 +549,8 @@ def write_plots(results, entropy_LxHxN, out) -> list[str]:
   ppl = [results['perplexity'][str(n)] for n in lengths]
   fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
   ax.plot(lengths, [np.nan if p is None else p for p in ppl], 'o-')
-  ax.set(xscale='log', yscale='log', xlabel='window length n (tokens)', ylabel='perplexity',
+  _length_axes(ax, lengths, ppl)
+  ax.set(xlabel='window length n (tokens)', ylabel='perplexity',
          title=f'Sliding-window perplexity (stride {results["stride"]})')
   _mark_lengths(ax, results)
   ax.legend(fontsize=8)
@@ -568,9 +586,10 @@ def write_plots(results, entropy_LxHxN, out) -> list[str]:
       ax_layers.legend(fontsize=7)
     save(fig, 'entropy.png')
 
-    fig, ax = plt.subplots(figsize=(1.5 + 0.4 * H, 1.2 + 0.35 * L), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.4 * H), max(3.0, 1.2 + 0.35 * L)), constrained_layout=True)
     image = ax.imshow(entropy_LxHxN[:, :, -1], cmap='magma', aspect='auto')
-    ax.set(xlabel='head', ylabel='layer', title=f'Entropy at the last position ({N}; ln {N} = {math.log(N):.2f})')
+    ax.set(xlabel='head', ylabel='layer',
+           title=f'Entropy at the last position {N}\n(upper bound ln {N} = {math.log(N):.2f})')
     fig.colorbar(image, ax=ax, label='nats')
     save(fig, 'entropy_heatmap.png')
 
@@ -600,6 +619,9 @@ def write_plots(results, entropy_LxHxN, out) -> list[str]:
     image = ax.imshow(grid, cmap='RdYlGn', vmin=0, vmax=1, aspect='auto')
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f'{d}%' for d in depths])
+    for column, n in enumerate(lengths):
+      if not results['passkey_detail'][str(n)]:
+        ax.text(column, (len(depths) - 1) / 2, 'prompt\ndoes not\nfit', ha='center', va='center', fontsize=8)
     ax.set(xlabel='length (tokens)', ylabel='needle depth', title='Passkey retrieval accuracy')
     fig.colorbar(image, ax=ax)
     save(fig, 'passkey.png')
@@ -688,9 +710,9 @@ def compare(paths, out) -> dict:
   for length in pretrain_lengths:
     for ax in (ax_ppl, ax_loss):
       ax.axvline(length, color='gray', linestyle='--', linewidth=1)
-  ax_ppl.set(xscale='log', yscale='log', xlabel='window length n (tokens)', ylabel='perplexity',
-             title='Sliding-window perplexity')
-  ax_loss.set(xlabel='token position', ylabel='next-token loss (nats)', title='Loss by position (moving average 1%)')
+  _length_axes(ax_ppl, lengths, [p for run in runs for p in run['perplexity'].values()])
+  ax_ppl.set(xlabel='window length n (tokens)', ylabel='perplexity', title='Sliding-window perplexity')
+  ax_loss.set(xlabel='token position', ylabel='next-token loss (nats)', title='Loss by position (moving average 2%)')
   ax_ppl.legend(fontsize=8)
   ax_loss.legend(fontsize=8)
   os.makedirs(out, exist_ok=True)
@@ -738,7 +760,8 @@ def _define_flags():
   from ml_collections import config_flags
   from configs import base
   config_flags.DEFINE_config_dict(
-      'config', base.get_config(), 'Overrides of the run\'s saved config: eval.*, model.temperature, data.* corpus keys.',
+      'config', base.get_config(),
+      'Overrides of the run\'s saved config: eval.*, model.temperature, data.* corpus keys.',
       lock_config=True)
   flags.DEFINE_string('workdir', None, 'The run to evaluate (a pretraining or search workdir).')
   flags.DEFINE_bool('compare', False, 'Compare evaluated runs: their directories follow as arguments.')
@@ -759,9 +782,18 @@ def _parse_flags(argv):
     _fail(f'{" ".join(str(e).split())}; check the flag against configs/base.py.')
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Keeps orbax's, grain's and tfds's per-file INFO lines out of the progress log."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(
+        f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'jax', 'tensorflow_datasets'))
+
+
 def main(argv):
   from absl import flags
   FLAGS = flags.FLAGS
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     if FLAGS.compare:
       if FLAGS.workdir or _override_keys(sys.argv):

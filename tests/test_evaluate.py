@@ -57,16 +57,17 @@ def test_perplexity_of_a_bigram_model_matches_a_hand_computation():
 
   result = evaluate.perplexity([short, doc_a, doc_b], 4, 2, 100, 3, score_windows)
   # By hand: doc_a (7 tokens) has windows at 0, 2; doc_b (9 tokens) at 0, 2, 4; short is skipped.
-  windows = [doc_a[0:4], doc_a[2:6], doc_b[0:4], doc_b[2:6], doc_b[4:8]]
+  # Taken round robin: each document's first window, then each one's second, ...
+  windows = [doc_a[0:4], doc_b[0:4], doc_a[2:6], doc_b[2:6], doc_b[4:8]]
   window_nll = [-(log_probs[w[1], w[2]] + log_probs[w[2], w[3]]) / 2 for w in windows]
   assert result['windows'] == 5 and result['documents'] == 2 and result['tokens'] == 10
   np.testing.assert_allclose(result['nll'], np.mean(window_nll), rtol=1e-6)
   np.testing.assert_allclose(result['perplexity'], np.exp(np.mean(window_nll)), rtol=1e-6)
   # Two batches of 3 rows; the second padded with a copy of its first row.
   assert seen[:5] == [tuple(w) for w in windows] and len(seen) == 6
-  # max_tokens caps the scored tokens: 4 tokens = the first 2 windows.
+  # max_tokens caps the scored tokens: 4 tokens = 2 windows, one from each document.
   capped = evaluate.perplexity([short, doc_a, doc_b], 4, 2, 4, 3, score_windows)
-  assert capped['windows'] == 2 and capped['documents'] == 1
+  assert capped['windows'] == 2 and capped['documents'] == 2
   np.testing.assert_allclose(capped['nll'], np.mean(window_nll[:2]), rtol=1e-6)
 
 
@@ -79,6 +80,9 @@ def test_default_lengths_and_stride_follow_the_pretraining_length():
   assert evaluate.eval_lengths(cfg, 16) == ([32, 64], 8)
   cfg.eval.stride = 32
   with pytest.raises(ConfigError, match='not longer than the stride 32'):
+    evaluate.eval_lengths(cfg, 16)
+  cfg.eval.lengths = (16, '(16,x)')  # What config_flags makes of a typo.
+  with pytest.raises(ConfigError, match='must hold positive integers'):
     evaluate.eval_lengths(cfg, 16)
 
 
