@@ -17,14 +17,21 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-# Pretrain the tiny NoPE model, then search its temperatures at 4x the length. A finished run is
-# found complete and skipped when `make demo` runs again.
+# Pretrain the tiny NoPE model, search its temperatures at 4x the length, evaluate the model as
+# trained, with a uniform temperature 1.5, and with the searched temperatures, and compare them.
+# A finished training run is found complete and skipped when `make demo` runs again.
 demo: setup
 	$(PY) -m nopejax.train --config configs/tiny.py --workdir $(DEMO_DIR)/pretrain
 	$(PY) -m nopejax.train --config configs/tiny_search.py --workdir $(DEMO_DIR)/search \
 	    --config.search.base=$(DEMO_DIR)/pretrain
-	@echo "Pretraining: $(DEMO_DIR)/pretrain (metrics.jsonl, tensorboard/, checkpoints/)"
-	@echo "Search:      $(DEMO_DIR)/search (temperatures.json, temperatures.png, search_init.json)"
+	$(PY) -m nopejax.evaluate --workdir $(DEMO_DIR)/pretrain
+	$(PY) -m nopejax.evaluate --workdir $(DEMO_DIR)/pretrain --config.model.temperature=1.5
+	$(PY) -m nopejax.evaluate --workdir $(DEMO_DIR)/search
+	$(PY) -m nopejax.evaluate --compare $(DEMO_DIR)/pretrain $(DEMO_DIR)/pretrain/eval_c1.5 $(DEMO_DIR)/search \
+	    --out $(DEMO_DIR)/compare
+	@echo "Pretraining: $(DEMO_DIR)/pretrain (metrics.jsonl, tensorboard/, checkpoints/, eval/report.md)"
+	@echo "Search:      $(DEMO_DIR)/search (temperatures.json, temperatures.png, eval/report.md)"
+	@echo "Comparison:  $(DEMO_DIR)/compare (table and curves of the three)"
 
 test: setup
 	$(PY) -m pytest -q

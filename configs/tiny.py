@@ -28,4 +28,6 @@ def get_config():
   cfg.train.log_every = 100
   cfg.train.eval_every = 500
   cfg.train.checkpoint_every = 500
+  # Evaluation at 64 ... 1024 (stride 16): 4096 scored tokens per length keep it to minutes on CPU.
+  cfg.eval.max_tokens = 4096
   return cfg

@@ -34,7 +34,7 @@ def test_weight_decay_skips_norms_and_temperatures():
   state = nnx.state(m, nnx.Param)  # Temperatures included, to see they are not decayed.
   tx = optim.make_optimizer(cfg)
   zero_grads = jax.tree.map(jnp.zeros_like, state)
-  updates, _ = tx.update(zero_grads, tx.init(state), state)
+  updates, _ = jax.jit(tx.update)(zero_grads, tx.init(state), state)
   for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
     name = str(path[-2].key)
     if name in ('scale', 'temperature'):

@@ -56,7 +56,7 @@ def test_search_step_clips_by_the_temperatures_norm_and_clamps():
     logits = nnx.merge(graphdef, params, state['frozen'])(batch['inputs'], batch['segment_ids'])
     return step_lib.cross_entropy(logits, batch['targets'], batch['loss_mask'])[0] / batch['loss_mask'].sum()
 
-  expected_norm = optax.tree.norm(jax.grad(loss)(state['params']))
+  expected_norm = optax.tree.norm(jax.jit(jax.grad(loss))(state['params']))
   new_state, metrics = jax.jit(step_lib.make_train_step(cfg, graphdef, tx))(state, batch)
   np.testing.assert_allclose(float(metrics['grad_norm']), float(expected_norm), rtol=1e-5)
   temperatures = np.concatenate([np.asarray(t) for t in jax.tree.leaves(new_state['params'])])
