@@ -1,5 +1,4 @@
 """Shared by the benchmarks: build a config's jitted train step on the mesh, time it, size its memory."""
-import importlib.util
 import os
 import pathlib
 import statistics
@@ -13,15 +12,12 @@ sys.path.insert(0, str(ROOT))  # Run as `python bench/X.py` from anywhere.
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from nopejax import optim, sharding, step as step_lib  # noqa: E402
+from nopejax import config, optim, sharding, step as step_lib  # noqa: E402
 
 
 def load_config(name):
   """configs/NAME.py's get_config() (file names such as 1b.py are not importable modules)."""
-  spec = importlib.util.spec_from_file_location(f'config_{name}', ROOT / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config.from_file(ROOT / 'configs' / f'{name}.py')
 
 
 def abstract_batch(cfg, batch_sharding):

@@ -8,20 +8,13 @@
       --config.search.base=gs://BUCKET/runs/nope-1b \
       --config.data.text_dir=/data/slimpajama_starcoder --config.data.tokenizer=/data/llama2.model
 """
-import importlib.util
 import pathlib
 
-
-def _config_1b():
-  # '1b' is no valid module name, so load the sibling file by path.
-  spec = importlib.util.spec_from_file_location('config_1b', pathlib.Path(__file__).with_name('1b.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from nopejax import config
 
 
 def get_config():
-  cfg = _config_1b()
+  cfg = config.from_file(pathlib.Path(__file__).with_name('1b.py'))
   cfg.data.seq_len = 8192
   cfg.train.trainable = 'temperature'
   cfg.train.steps = 200

@@ -1,5 +1,7 @@
 """The one config object: loading, checking and saving it. Every key is declared in configs/base.py."""
+import importlib.util
 import json
+import pathlib
 
 import ml_collections
 
@@ -99,6 +101,14 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
 
 def _as_tuples(value):
   return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def from_file(path) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file given by path (names like configs/1b.py are no module names)."""
+  spec = importlib.util.spec_from_file_location(f'config_{pathlib.Path(path).stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def to_json(cfg) -> str:

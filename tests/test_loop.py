@@ -9,7 +9,7 @@ import pytest
 
 import nopejax
 from conftest import small_config
-from nopejax import loop
+from nopejax import config, loop
 from nopejax.config import ConfigError
 
 
@@ -104,11 +104,7 @@ def test_workdir_of_another_model_shape_is_refused_and_left_untouched(full_run, 
 
 
 def test_dry_run_sizes_the_1b_model_without_memory():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('config_1b', 'configs/1b.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  report = loop.dry_run(module.get_config())
+  report = loop.dry_run(config.from_file('configs/1b.py'))
   assert report['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
   assert report['params'] == 1_100_048_384 and report['temperatures'] == 704
   # Matrices split 8 ways over fsdp, norms and temperatures replicated, float32.

@@ -4,7 +4,7 @@ import numpy as np
 from flax import nnx
 
 from conftest import small_config
-from nopejax import model, optim
+from nopejax import config, model, optim
 
 
 def make(cfg, seed=0):
@@ -88,11 +88,7 @@ def test_remat_changes_nothing_but_memory():
 
 
 def test_1b_config_has_the_papers_parameter_count():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('config_1b', 'configs/1b.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = config.from_file('configs/1b.py')
   state = nnx.state(nnx.eval_shape(lambda: make(cfg)))
   assert model.count_params(state) == 1_100_048_384
   assert model.count_params(state, model.Temperature, exclude=None) == 22 * 32
