@@ -9,7 +9,10 @@ assignment for one device (compiled ahead of time on abstract arrays, so 1B fits
 """
 import sys
 
+import jax
+
 import common
+from nopejax import sharding
 
 
 def compare(name, timed):
@@ -23,7 +26,7 @@ def compare(name, timed):
     seconds = common.time_step(cfg) if timed else float('nan')
     rows.append((trainable, seconds, memory))
   print(f'\n{name}: batch {cfg.train.batch_size} x length {cfg.data.seq_len}, '
-        f'{cfg.model.num_layers} layers, width {cfg.model.embed_dim}, mesh {dict(cfg.mesh)}')
+        f'{cfg.model.num_layers} layers, width {cfg.model.embed_dim}, mesh {sharding.mesh_shape(cfg, jax.device_count())}')
   print('| step | s/step | temp MiB | argument MiB | output MiB |')
   print('|---|---|---|---|---|')
   for trainable, seconds, memory in rows:

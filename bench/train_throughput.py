@@ -10,7 +10,7 @@ import sys
 import jax
 
 import common
-from nopejax import metrics, model
+from nopejax import metrics, model, sharding
 
 if __name__ == '__main__':
   name = sys.argv[1] if len(sys.argv) > 1 else 'tiny'
@@ -19,7 +19,7 @@ if __name__ == '__main__':
   seconds = common.time_step(cfg, steps=50)
   tokens_per_sec = cfg.train.batch_size * cfg.data.seq_len / seconds
   mfu = tokens_per_sec * model.flops_per_token(cfg) / peak
-  print(f'{name}: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(cfg.mesh)}, '
+  print(f'{name}: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh {sharding.mesh_shape(cfg, jax.device_count())}, '
         f'batch {cfg.train.batch_size} x {cfg.data.seq_len}')
   print(f'median step {seconds * 1000:.1f} ms, {tokens_per_sec:,.0f} tokens/s, '
         f'{model.flops_per_token(cfg) / 1e6:.2f} MFLOP/token, peak {peak / 1e9:.0f} GFLOP/s, MFU {100 * mfu:.1f}%')
