@@ -45,3 +45,15 @@ def small_config(tfds_dir=None):
 @pytest.fixture
 def small_cfg(tfds_dir):
   return small_config(tfds_dir)
+
+
+@pytest.fixture(scope='session')
+def small_run(tfds_dir, tmp_path_factory):
+  """(config, workdir) of one uninterrupted 40-step run of the small model, shared by the test files
+  that only read a trained workdir; checkpoints at steps 20, 30 and 40, evaluation at 20 and 40."""
+  from nopejax import loop
+  workdir = str(tmp_path_factory.mktemp('small_run'))
+  cfg = small_config(tfds_dir)
+  cfg.train.eval_every = 20
+  loop.run(cfg, workdir)
+  return cfg, workdir

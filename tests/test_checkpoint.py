@@ -12,13 +12,10 @@ from nopejax import checkpoint, data, loop, optim, sharding, step as step_lib
 from nopejax.config import ConfigError
 
 
-@pytest.fixture(scope='module')
-def trained(tfds_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('trained'))
-  cfg = small_config(tfds_dir)
-  cfg.train.steps = 10
-  loop.run(cfg, workdir)
-  return cfg, workdir
+@pytest.fixture
+def trained(small_run):
+  cfg, workdir = small_run
+  return cfg.copy_and_resolve_references(), workdir  # Tests may change their copy.
 
 
 def restore_on(cfg, workdir, mesh_sizes):
@@ -27,15 +24,15 @@ def restore_on(cfg, workdir, mesh_sizes):
   tx = optim.make_optimizer(cfg)
   with jax.set_mesh(mesh):
     graphdef, abstract, _ = step_lib.abstract_state(cfg, mesh, tx)
-    return checkpoint.restore(workdir, cfg, graphdef, abstract, data.train_iterator(cfg), 10)
+    return checkpoint.restore(workdir, cfg, graphdef, abstract, data.train_iterator(cfg), 40)
 
 
 def test_restore_onto_another_mesh_gives_the_same_arrays(trained):
   cfg, workdir = trained
   on_data, meta = restore_on(cfg, workdir, (8, 1, 1))
   on_cube, _ = restore_on(cfg, workdir, (2, 2, 2))
-  assert meta['step'] == 10 and meta['kind'] == 'pretrain'
-  assert int(on_cube['step']) == 10
+  assert meta['step'] == 40 and meta['kind'] == 'pretrain'
+  assert int(on_cube['step']) == 40
   jax.tree.map(np.testing.assert_array_equal, on_data['params'], on_cube['params'])
   jax.tree.map(np.testing.assert_array_equal, on_data['opt'], on_cube['opt'])
   embed = on_cube['params']['embed_VxD'][...]
@@ -53,13 +50,13 @@ def test_damaged_checkpoint_is_reported_in_one_sentence(trained, tmp_path):
   cfg, workdir = trained
   copy = str(tmp_path / 'copy')
   shutil.copytree(workdir, copy)
-  model_dir = os.path.join(copy, 'checkpoints', '10', 'model')
+  model_dir = os.path.join(copy, 'checkpoints', '40', 'model')
   for root, _, files in os.walk(model_dir):
     for name in files:
       if name != '_METADATA' and not name.startswith('_'):
         with open(os.path.join(root, name), 'wb') as f:
           f.write(b'garbage')
-  with pytest.raises(ConfigError, match=r'checkpoints/10 does not fit this model or is damaged .*use a matching config or another --workdir'):
+  with pytest.raises(ConfigError, match=r'checkpoints/40 does not fit this model or is damaged .*use a matching config or another --workdir'):
     nopejax.load(copy)
 
 
@@ -67,7 +64,7 @@ def test_unreadable_meta_and_missing_workdirs(trained, tmp_path):
   _, workdir = trained
   copy = str(tmp_path / 'copy')
   shutil.copytree(workdir, copy)
-  shutil.rmtree(os.path.join(copy, 'checkpoints', '10', 'meta'))
+  shutil.rmtree(os.path.join(copy, 'checkpoints', '40', 'meta'))
   with pytest.raises(ConfigError, match='cannot be read'):
     nopejax.load(copy)
   with pytest.raises(ConfigError, match='has no config.json'):

@@ -169,14 +169,8 @@ EVAL_OVERRIDES = {
 
 
 @pytest.fixture(scope='module')
-def pretrained(tfds_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('pretrain'))
-  cfg = small_config(tfds_dir)
-  cfg.train.steps = 20
-  cfg.train.checkpoint_every = 20
-  cfg.train.log_every = 10
-  loop.run(cfg, workdir)
-  return workdir
+def pretrained(small_run):
+  return small_run[1]
 
 
 @pytest.fixture(scope='module')

@@ -23,14 +23,10 @@ def losses(workdir, first, last):
   return [by_step[s] for s in range(first, last + 1)]
 
 
-@pytest.fixture(scope='module')
-def full_run(tfds_dir, tmp_path_factory):
-  """An uninterrupted 40-step run, shared by the tests that only read it."""
-  workdir = str(tmp_path_factory.mktemp('full'))
-  cfg = small_config(tfds_dir)
-  cfg.train.eval_every = 20
-  loop.run(cfg, workdir)
-  return cfg, workdir
+@pytest.fixture
+def full_run(small_run):
+  cfg, workdir = small_run
+  return cfg.copy_and_resolve_references(), workdir  # Tests may change their copy.
 
 
 def test_run_writes_metrics_config_checkpoints_and_tensorboard(full_run):
