@@ -639,7 +639,7 @@ def write_report(results, out) -> None:
            f'- workdir: `{results["workdir"]}` ({results["kind"]}, step {results["step"]})',
            f'- pretraining length: {results["pretrain_length"]}'
            + (f'; searched at length {results["search_length"]}' if results['search_length'] else ''),
-           f'- temperature: ' + (f'uniform c = {results["temperature_override"]:g} (override)'
+           '- temperature: ' + (f'uniform c = {results["temperature_override"]:g} (override)'
                                  if results['temperature_override'] is not None else 'as trained'),
            f'- data: {results["dataset"]} split `{results["split"]}`; sliding windows with stride {results["stride"]}',
            '', '## Perplexity by length', '',

@@ -4,7 +4,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 import nopejax
 from conftest import small_config
