@@ -10,25 +10,15 @@
 """
 import pathlib
 
+from configs import base
 from nopejax import config
 
 
 def get_config():
-  cfg = config.from_file(pathlib.Path(__file__).with_name('1b.py'))
+  cfg = base.search_recipe(config.from_file(pathlib.Path(__file__).with_name('1b.py')))
   cfg.data.seq_len = 8192
-  cfg.train.trainable = 'temperature'
-  cfg.train.steps = 200
-  cfg.train.batch_size = 8
-  cfg.train.learning_rate = 0.1
-  cfg.train.warmup_steps = 20
-  cfg.train.final_lr_fraction = 0.1
-  cfg.train.b1 = 0.9
-  cfg.train.b2 = 0.95
-  cfg.train.weight_decay = 0.0
-  cfg.train.clip_norm = 1.0
   cfg.train.log_every = 10
   cfg.train.eval_every = 50
   cfg.train.checkpoint_every = 50
-  cfg.search.init = '1.6'
-  cfg.search.min_temperature = 1.0
+  cfg.search.init = '1.6'  # The best uniform temperature at 8K.
   return cfg

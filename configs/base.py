@@ -107,3 +107,24 @@ def get_config() -> ml_collections.ConfigDict:
 
   cfg.lock()
   return cfg
+
+
+def search_recipe(cfg) -> ml_collections.ConfigDict:
+  """`cfg` set to the paper's temperature search (method.md, section 3), for any pretraining config.
+
+  Only the temperatures train: AdamW (0.9, 0.95), no weight decay, clip 1.0, lr 0.1, 200 steps
+  of batch 8, 10% linear warmup then cosine to 0.1 x lr, c_h >= 1 after every step. The caller
+  sets the target length (data.seq_len) and the start (search.init).
+  """
+  cfg.train.trainable = 'temperature'
+  cfg.train.steps = 200
+  cfg.train.batch_size = 8
+  cfg.train.learning_rate = 0.1
+  cfg.train.warmup_steps = 20
+  cfg.train.final_lr_fraction = 0.1
+  cfg.train.b1 = 0.9
+  cfg.train.b2 = 0.95
+  cfg.train.weight_decay = 0.0
+  cfg.train.clip_norm = 1.0
+  cfg.search.min_temperature = 1.0
+  return cfg

@@ -367,14 +367,17 @@ def load_split(cfg, split: str):
 # Grain streams.
 
 
-def _tokenize(example, tokenizer) -> np.ndarray:
-  """A document's token ids, BOS first when the tokenizer has one."""
-  text = example['text']
-  text = text.decode('utf-8') if isinstance(text, bytes) else text
+def encode_document(tokenizer, text: str) -> np.ndarray:
+  """A document's int32 token ids, BOS first when the tokenizer has one."""
   ids = tokenizer.encode(text)
   if tokenizer.bos_id is not None:
     ids = np.concatenate([np.asarray([tokenizer.bos_id], np.int32), ids])
-  return ids
+  return np.asarray(ids, np.int32)
+
+
+def _tokenize(example, tokenizer) -> np.ndarray:
+  text = example['text']
+  return encode_document(tokenizer, text.decode('utf-8') if isinstance(text, bytes) else text)
 
 
 def _as_tokens_feature(example, tokenizer) -> dict:

@@ -230,14 +230,6 @@ def passkey_prompt(key: int, garbage_before: int, garbage_after: int) -> str:
           + PASSKEY_GARBAGE * garbage_after + PASSKEY_QUESTION)
 
 
-def _encode(tokenizer, text: str) -> np.ndarray:
-  """Token ids of a prompt, BOS first when the tokenizer has one (as data.documents gives them)."""
-  ids = tokenizer.encode(text)
-  if tokenizer.bos_id is not None:
-    ids = np.concatenate([np.asarray([tokenizer.bos_id], np.int32), ids])
-  return np.asarray(ids, np.int32)
-
-
 def passkey_answer(tokenizer, prompt: str, key: int) -> np.ndarray:
   """The ids the model must generate: those that ' {key}' adds after the prompt.
 
@@ -257,13 +249,13 @@ def passkey_example(tokenizer, key: int, depth: float, length: int):
   As many garbage sentences as fit; the needle sits after a fraction `depth` of them.
   """
   answer = passkey_answer(tokenizer, passkey_prompt(key, 0, 0), key)
-  fixed = len(_encode(tokenizer, passkey_prompt(key, 0, 0)))
+  fixed = len(data.encode_document(tokenizer, passkey_prompt(key, 0, 0)))
   per_garbage = max(1, len(tokenizer.encode(PASSKEY_GARBAGE)))
   total = max(0, (length - len(answer) - fixed) // per_garbage)
   while True:
     before = int(total * depth)
     prompt = passkey_prompt(key, before, total - before)
-    ids = _encode(tokenizer, prompt)
+    ids = data.encode_document(tokenizer, prompt)
     answer = passkey_answer(tokenizer, prompt, key)
     if len(ids) + len(answer) <= length:
       return ids, answer
