@@ -1,7 +1,10 @@
 """launch/tpu.sh and launch/gpu.sh: the commands they print with --dry-run are the ones they run."""
+import json
 import os
+import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -106,3 +109,45 @@ def test_gpu_node_joins_by_environment_variables(fake_tools):
                          COORDINATOR='node0:12345', NUM_NODES='2', NODE_RANK='1')
   assert printed_commands(result) == [['.venv/bin/python', '-m', 'nopejax.train', *TRAIN_ARGS,
                                        '--coordinator_address=node0:12345', '--num_processes=2', '--process_id=1']]
+
+
+def notebook_code(path, before_ipython='', **assignments):
+  """The notebook's code cells as one script without shell lines (!, %), top-level NAME = value
+  assignments replaced (fewer steps), `before_ipython` put before the cell that imports IPython."""
+  with open(path) as f:
+    cells = [''.join(cell['source']) for cell in json.load(f)['cells'] if cell['cell_type'] == 'code']
+  cells = [before_ipython + cell if 'from IPython' in cell else cell for cell in cells]
+  source = '\n'.join(line for cell in cells for line in cell.splitlines() if not line.lstrip().startswith(('!', '%')))
+  for name, value in assignments.items():
+    source, count = re.subn(rf'^{name} = .*$', f'{name} = {value!r}', source, flags=re.M)
+    assert count == 1, name
+  return source
+
+
+# IPython (Colab's display) is not part of the requirements; headless, Image just checks the file.
+# Put in only where the notebook imports it: treescope (under flax) would take it for the real one.
+IPYTHON_STAND_IN = '''
+import sys, types
+try:
+  import IPython.display
+except ImportError:
+  display = types.ModuleType('IPython.display')
+  display.Image = lambda path: open(path, 'rb').read(8) == b'\\x89PNG\\r\\n\\x1a\\n' or sys.exit('not a PNG')
+  sys.modules['IPython'] = types.ModuleType('IPython')
+  sys.modules['IPython.display'] = display
+'''
+
+
+def test_colab_notebook_code_cells_run_headless(tfds_dir, small_run, tmp_path):
+  script = tmp_path / 'notebook.py'
+  script.write_text(notebook_code(os.path.join(ROOT, 'launch', 'colab.ipynb'), IPYTHON_STAND_IN,
+                                  STEPS=20, SEARCH_STEPS=4))
+  env = {key: value for key, value in os.environ.items() if key != 'XLA_FLAGS'}  # The notebook sets its own.
+  env.update(PYTHONPATH=ROOT, TFDS_DATA_DIR=tfds_dir, JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'CpuDevice(id=7)' in result.stdout and '(1, 25, 256)' in result.stdout  # 25 bytes of code in, logits out.
+  with open(tmp_path / 'runs' / 'tiny_search' / 'temperatures.json') as f:
+    assert len(json.load(f)['temperatures']) == 4
+  assert sorted(os.listdir(tmp_path / 'runs' / 'tiny' / 'checkpoints')) == ['20']
