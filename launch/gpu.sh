@@ -34,18 +34,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-quote() {  # The arguments as one line a shell reads back as the same arguments.
-  local out=() arg q="'"
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$arg"); else out+=("$q${arg//$q/$q\\$q$q}$q"); fi
-  done
-  echo "${out[*]}"
-}
-
-run() {  # Prints the command; runs it unless --dry-run.
-  quote "$@"
-  [[ -n "$dry_run" ]] || "$@"
-}
+# quote, run (prints each command, runs it unless --dry-run).
+source "$(dirname "$0")/common.sh"
 
 need_train_args() {
   [[ ${#train_args[@]} -gt 0 ]] || { echo "error: pass the training flags after --, e.g. -- --config configs/1b.py --workdir /shared/runs/nope-1b" >&2; exit 2; }

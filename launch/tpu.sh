@@ -52,18 +52,8 @@ fi
 project_flag=()
 [[ -n "$project" ]] && project_flag=(--project "$project")
 
-quote() {  # The arguments as one line a shell reads back as the same arguments.
-  local out=() arg q="'"
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$arg"); else out+=("$q${arg//$q/$q\\$q$q}$q"); fi
-  done
-  echo "${out[*]}"
-}
-
-run() {  # Prints the command; runs it unless --dry-run.
-  quote "$@"
-  [[ -n "$dry_run" ]] || "$@"
-}
+# quote, run (prints each command, runs it unless --dry-run).
+source "$(dirname "$0")/common.sh"
 
 on_workers() {  # on_workers WORKER 'remote shell command'
   run gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" "${project_flag[@]}" --worker="$1" --command "$2"
