@@ -61,7 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.train.eval_every = 500  # 0 = no evaluation during training.
   cfg.train.eval_batches = 8
   cfg.train.checkpoint_every = 500
-  cfg.train.keep_checkpoints = 3
+  cfg.train.keep_checkpoints = 3  # The newest ones; a search's base step is kept too (pinned).
+  cfg.train.skip_nonfinite = 0  # 0: stop at a non-finite loss or gradient; N: skip such updates, stop after N in a row.
   cfg.train.peak_flops_per_device = 0.0  # For MFU; 0 = look up the device kind or measure it.
 
   # Device mesh: each size is a device count, -1 = whatever the others leave.

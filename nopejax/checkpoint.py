@@ -8,10 +8,14 @@ A checkpoint step holds four items:
          sees the same batches, with any number of processes;
   meta   JSON: step, kind ('pretrain' or 'search'), the model's shape, and the base run.
 """
+import hashlib
 import json
 import os
 import signal
+import socket
 import threading
+import time
+import uuid
 
 import jax
 import numpy as np
@@ -38,23 +42,75 @@ def checkpoint_dir(workdir) -> epath.Path:
   return paths.resolve(workdir) / 'checkpoints'
 
 
+class DamagedCheckpoint(ConfigError):
+  """A checkpoint step whose files cannot be read back (a resume falls back past it)."""
+
+
 def _manager(workdir, options):
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
+def pins_dir(workdir) -> epath.Path:
+  return paths.resolve(workdir) / 'pins'
+
+
+def pinned_steps(workdir) -> set[int]:
+  """Steps that searches built on this run need: never rotated away (see pin)."""
+  directory = pins_dir(workdir)
+  return {json.loads(p.read_text())['step'] for p in directory.iterdir()} if directory.is_dir() else set()
+
+
+class _NewestOrPinned(ocp.checkpoint_managers.PreservationPolicy):
+  """Keeps the newest train.keep_checkpoints steps and every pinned one; the pins are read at each
+  rotation, so a search started while this run trains still keeps its base step."""
+
+  def __init__(self, workdir, keep):
+    self.workdir, self.newest = workdir, ocp.checkpoint_managers.LatestN(keep)
+
+  def should_preserve(self, checkpoints, *, context):
+    pinned = pinned_steps(self.workdir)
+    newest = self.newest.should_preserve(checkpoints, context=context)
+    return [keep or info.step in pinned for keep, info in zip(newest, checkpoints)]
+
+
 def make_manager(workdir, cfg) -> ocp.CheckpointManager:
-  return _manager(workdir, ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints, create=True))
+  # cleanup_tmp_directories: a save cut short (kill -9) leaves a temporary directory; it goes at the next start.
+  return _manager(workdir, ocp.CheckpointManagerOptions(
+      preservation_policy=_NewestOrPinned(workdir, cfg.train.keep_checkpoints), create=True,
+      cleanup_tmp_directories=True))
+
+
+def pin(base_workdir, step: int, search_workdir) -> epath.Path:
+  """Marks `step` of a pretraining run as needed by the search in `search_workdir`, so that the
+  base run's rotation keeps it (a search checkpoint holds only temperatures and points there)."""
+  search_workdir = paths.resolve(search_workdir)
+  digest = hashlib.md5(str(search_workdir).encode()).hexdigest()[:8]
+  path = pins_dir(base_workdir) / f'{step}-{search_workdir.name}-{digest}.json'
+  try:
+    paths.write_text(path, json.dumps({'step': step, 'search': str(search_workdir)}))
+  except OSError as e:
+    raise ConfigError(
+        f'Cannot pin step {step} of search.base={base_workdir} against its rotation ({type(e).__name__}: {e}); '
+        'make that directory writable, or copy its config.json and checkpoints/{step} to a directory '
+        'that no run rotates and point search.base there.') from None
+  return path
 
 
 def _reader(workdir) -> ocp.CheckpointManager:
   return _manager(workdir, ocp.CheckpointManagerOptions(create=False))  # read_only=True only adds warnings.
 
 
-def latest_step(workdir) -> int | None:
+def all_steps(workdir) -> list[int]:
+  """The workdir's complete checkpoint steps, oldest first."""
   if not checkpoint_dir(workdir).is_dir():
-    return None
+    return []
   with _reader(workdir) as mgr:
-    return mgr.latest_step()
+    return sorted(mgr.all_steps())
+
+
+def latest_step(workdir) -> int | None:
+  steps = all_steps(workdir)
+  return steps[-1] if steps else None
 
 
 def read_meta(workdir, step) -> dict:
@@ -62,9 +118,9 @@ def read_meta(workdir, step) -> dict:
     try:
       return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # Orbax raises many types for unreadable files.
-      raise ConfigError(
+      raise DamagedCheckpoint(
           f'The checkpoint at {checkpoint_dir(workdir)}/{step} cannot be read ({type(e).__name__}); '
-          'delete that step directory to fall back to an older one, or use another --workdir.') from e
+          'delete that step directory to fall back to an older one, or use another --workdir.') from None
 
 
 def check_shape(meta, cfg, where) -> None:
@@ -117,9 +173,9 @@ def _restore_items(workdir, step, **items):
     try:
       return mgr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
-      raise ConfigError(
+      raise DamagedCheckpoint(
           f'The checkpoint at {checkpoint_dir(workdir)}/{step} does not fit this model or is damaged '
-          f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); use a matching config or another --workdir.') from e
+          f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); use a matching config or another --workdir.') from None
 
 
 def restore_model(workdir, cfg, abstract_model_state, step=None):
@@ -133,7 +189,16 @@ def restore_model(workdir, cfg, abstract_model_state, step=None):
   meta = read_meta(workdir, step)
   check_shape(meta, cfg, f'The checkpoint in {workdir}')
   if meta['kind'] == 'search':
-    state = restore_model(meta['base']['workdir'], cfg, abstract_model_state, meta['base']['step'])
+    base, base_step = meta['base']['workdir'], meta['base']['step']
+    if base_step not in all_steps(base):
+      raise ConfigError(
+          f'The search in {workdir} needs step {base_step} of its base run {base}, which is gone (deleted, or '
+          f'rotated away before searches pinned their base step); put {base}/checkpoints/{base_step} back, or '
+          'run the search again in a new workdir.')
+    try:
+      state = restore_model(base, cfg, abstract_model_state, base_step)
+    except DamagedCheckpoint as e:  # The base's damage, not this run's: no falling back past it.
+      raise ConfigError(f'The base run of the search in {workdir} cannot be restored: {e}') from None
     target = nnx.filter_state(abstract_model_state, Temperature)
   else:
     state = jax.tree.map(lambda x: x, abstract_model_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
@@ -160,6 +225,40 @@ def restore(workdir, cfg, graphdef, abstract_state, data_iterator, step):
   state = {'step': jax.device_put(jax.numpy.int32(step), abstract_state['step'].sharding),
            'params': params, 'frozen': frozen, 'opt': items['opt']}
   return state, meta
+
+
+def restore_newest(workdir, cfg, graphdef, abstract_state, data_iterator):
+  """Resumes from the newest checkpoint that reads back whole: (state, meta, step), or None when
+  the workdir has none. Damaged newer steps are renamed STEP.damaged (kept for a look, out of
+  orbax's way) with a warning; when no step reads back, nothing is renamed and the newest one's
+  problem is the error (a config that does not fit fails every step alike)."""
+  steps = all_steps(workdir)
+  damaged = []
+  for step in reversed(steps):
+    try:
+      state, meta = restore(workdir, cfg, graphdef, abstract_state, data_iterator, step)
+    except DamagedCheckpoint as e:
+      damaged.append((step, e))
+      continue
+    for bad_step, error in damaged:
+      target = _set_aside(workdir, bad_step)
+      logging.warning('%s Resuming from step %d instead; the damaged step is kept as %s.', error, step, target)
+    return state, meta, step
+  if damaged:
+    raise damaged[0][1]
+  return None
+
+
+def _set_aside(workdir, step) -> epath.Path:
+  source = checkpoint_dir(workdir) / str(step)
+  target, n = source.parent / f'{step}.damaged', 1
+  while target.exists():
+    target, n = source.parent / f'{step}.damaged{n}', n + 1
+  if jax.process_index() == 0:
+    source.rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'nopejax set aside {step}')
+  return target
 
 
 def load(workdir, temperature=None):
@@ -223,3 +322,84 @@ class StopSignals:
     if self.shared:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.received is not None
+
+
+class WorkdirLock:
+  """WORKDIR/lock.json names the run that holds the workdir (host, pid, start) and is refreshed
+  every HEARTBEAT seconds. A second run refuses while the holder lives; the lock of a dead run is
+  taken over (same host: its pid is gone; another host: not refreshed for STALE seconds). Process 0
+  of a job holds it for all of the job's processes. A workdir the lock created is removed again if
+  the run leaves it empty (an error before anything was written)."""
+
+  HEARTBEAT, STALE = 60, 300
+
+  def __init__(self, workdir):
+    self.workdir = paths.resolve(workdir)
+    self.path = self.workdir / 'lock.json'
+    self.holder = {'host': socket.gethostname(), 'pid': os.getpid(), 'token': uuid.uuid4().hex,
+                   'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+    self.stopped = threading.Event()
+
+  def _read(self):
+    try:
+      return json.loads(self.path.read_text())
+    except (OSError, ValueError):  # Gone, or cut short by a kill: nobody holds it.
+      return None
+
+  def _alive(self, holder) -> bool:
+    if holder['host'] == self.holder['host']:
+      try:
+        os.kill(holder['pid'], 0)
+      except ProcessLookupError:
+        return False
+      except PermissionError:
+        pass
+      return holder['pid'] != self.holder['pid']
+    return time.time() - holder['heartbeat'] < self.STALE
+
+  def _write(self):
+    paths.write_text(self.path, json.dumps(dict(self.holder, heartbeat=time.time())))
+
+  def _refusal(self):
+    holder = self._read()
+    if holder and holder['token'] != self.holder['token'] and self._alive(holder):
+      return (f'{self.workdir} is in use by the run of pid {holder["pid"]} on {holder["host"]} (started '
+              f'{holder["started"]}); stop that run or use another --workdir (delete {self.path} only if that '
+              'run is gone).')
+    if holder and holder['token'] != self.holder['token']:
+      logging.warning('Taking over %s from pid %s on %s, which is gone.', self.path, holder['pid'], holder['host'])
+    return None
+
+  def __enter__(self):
+    self.created = not self.workdir.exists()
+    refusal = None
+    if jax.process_index() == 0:
+      refusal = self._refusal()
+      if refusal is None:
+        self._write()
+        time.sleep(0.1)  # Two starts at once: the later write wins, the other one sees it and refuses.
+        refusal = self._refusal()
+    if jax.process_count() > 1:
+      refused = int(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
+      refusal = refusal or (f'{self.workdir} is in use by another run; stop it or use another --workdir.' if refused else None)
+    if refusal:
+      raise ConfigError(refusal)
+    if jax.process_index() == 0:
+      self.heartbeat = threading.Thread(target=self._beat, daemon=True)
+      self.heartbeat.start()
+    return self
+
+  def _beat(self):
+    while not self.stopped.wait(self.HEARTBEAT):
+      self._write()
+
+  def __exit__(self, *exc):
+    if jax.process_index() != 0:
+      return
+    self.stopped.set()
+    self.heartbeat.join()
+    holder = self._read()
+    if holder and holder['token'] == self.holder['token']:
+      self.path.unlink()
+    if self.created and self.workdir.is_dir() and not any(self.workdir.iterdir()):
+      self.workdir.rmdir()

@@ -69,18 +69,35 @@ def validate(cfg) -> None:
         'change model.num_kv_heads to a divisor of it.')
   if m.temperature <= 0:
     raise ConfigError(f'model.temperature={m.temperature} must be positive; set a value like 1.0 or 1.5.')
+  if m.attention_impl == 'cudnn' and m.dtype == 'float32':
+    raise ConfigError("model.attention_impl='cudnn' needs bfloat16 inputs but model.dtype='float32'; "
+                      "set model.dtype=bfloat16 or model.attention_impl=xla.")
   t = cfg.train
   if t.trainable not in TRAINABLE:
     raise ConfigError(f'train.trainable={t.trainable!r} is not one of {TRAINABLE}; pick one of those.')
   if t.steps <= 0 or t.stop_after < 0:
     raise ConfigError(f'train.steps={t.steps} must be positive and train.stop_after={t.stop_after} not negative.')
-  if t.warmup_steps > t.steps:
-    raise ConfigError(f'train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}; lower train.warmup_steps.')
+  if t.warmup_steps >= t.steps or t.warmup_steps < 0:
+    raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be at least 0 and below train.steps={t.steps} '
+                      '(the cosine decay needs steps after it); lower train.warmup_steps.')
   if t.batch_size <= 0 or cfg.data.seq_len <= 0:
     raise ConfigError('train.batch_size and data.seq_len must be positive; set both to positive integers.')
+  for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
+    if t[key] < 1:
+      raise ConfigError(f'train.{key}={t[key]} must be at least 1; set it to a positive number of steps'
+                        f'{" (checkpoints)" if key == "keep_checkpoints" else ""}.')
+  if t.eval_every < 0 or (t.eval_every and t.eval_batches < 1):
+    raise ConfigError(f'train.eval_every={t.eval_every} with train.eval_batches={t.eval_batches} evaluates nothing; '
+                      'set train.eval_batches to at least 1, or train.eval_every=0 for no evaluation.')
+  if t.skip_nonfinite < 0:
+    raise ConfigError(f'train.skip_nonfinite={t.skip_nonfinite} must not be negative; set 0 to stop at the first '
+                      'non-finite update, or N to skip up to N in a row.')
   if cfg.search.base and t.trainable != 'temperature':
     raise ConfigError("search.base is set but train.trainable is 'model'; set --config.train.trainable=temperature or clear search.base.")
-  search_init(cfg)
+  init = search_init(cfg)
+  if t.trainable == 'temperature' and init != 'auto' and init < cfg.search.min_temperature:
+    raise ConfigError(f'search.init={init} is below search.min_temperature={cfg.search.min_temperature}, so the first '
+                      'update would clamp it; set search.init to at least that, or lower search.min_temperature.')
 
 
 def from_dict(values: dict) -> ml_collections.ConfigDict:

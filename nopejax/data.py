@@ -105,7 +105,12 @@ def make_tokenizer(cfg):
       raise config.ConfigError(
           f"data.tokenizer={cfg.data.tokenizer!r} is neither 'byte' nor an existing file; set it to"
           " 'byte' or to the path of a SentencePiece .model file.")
-    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
+    try:
+      tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
+    except (RuntimeError, OSError) as e:  # sentencepiece's parse error.
+      raise config.ConfigError(
+          f'data.tokenizer={cfg.data.tokenizer!r} is not a SentencePiece model ({" ".join(str(e).split())[:120]});'
+          " set it to a SentencePiece .model file (a Hugging Face tokenizer.json is not one) or to 'byte'.") from None
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise config.ConfigError(
         f'model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer vocabulary'
@@ -130,8 +135,10 @@ def _in_split(split: str):
   return lambda name: _split_of(name) == split
 
 
-def _documents_in_files(root: epath.Path, files, text_key: str, keep):
-  """Yields (name, text) for every non-empty document whose name passes `keep`.
+def _documents_in_files(root: epath.Path, files, text_key: str, keep, strict=True):
+  """Yields (name, text) for every non-empty document whose name passes `keep`. `strict`: refuse
+  binary and non-UTF-8 files (a user's corpus); else decode them with replacement characters (the
+  bundled standard library, whose four latin-1 / koi8-r test files are Python source all the same).
 
   Streams: a .jsonl file is read line by line, and a line is only parsed when its document is
   kept, so the three split passes over a big corpus parse each line once.
@@ -141,21 +148,51 @@ def _documents_in_files(root: epath.Path, files, text_key: str, keep):
     if path.suffix == '.jsonl':
       with path.open('rb') as lines:
         for lineno, line in enumerate(lines, 1):
-          line = line.decode('utf-8', errors='replace')
           doc_name = f'{name}:{lineno}'
           if not line.strip() or not keep(doc_name):
             continue
-          record = json.loads(line)
+          record = _json_line(_utf8_text(line, f'{path}:{lineno}'), f'{path}:{lineno}')
           if text_key not in record:
             raise config.ConfigError(
                 f'data.text_key={text_key!r} is not a field of {path}:{lineno}; set data.text_key'
                 f' to the field that holds the text (this line has {sorted(record)[:8]}).')
+          if not isinstance(record[text_key], str):
+            raise config.ConfigError(
+                f'The {text_key!r} field of {path}:{lineno} is a {type(record[text_key]).__name__}, not a string;'
+                ' store the text as a string there, or set data.text_key to the field that holds it.')
           if record[text_key]:
-            yield doc_name, str(record[text_key])
+            yield doc_name, record[text_key]
     elif keep(name):
-      text = path.read_bytes().decode('utf-8', errors='replace')
+      raw = path.read_bytes()
+      text = _utf8_text(raw, str(path)) if strict else raw.decode('utf-8', errors='replace')
       if text:
         yield name, text
+
+
+def _utf8_text(raw: bytes, where: str) -> str:
+  """Decoded text; binary and non-UTF-8 data is refused, never trained as replacement characters."""
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise config.ConfigError(
+        f'{where} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); convert it to UTF-8 or'
+        ' remove it from data.text_dir.') from None
+  if '\x00' in text:
+    raise config.ConfigError(
+        f'{where} holds NUL bytes, so it is binary, not text; remove it from data.text_dir.')
+  return text
+
+
+def _json_line(line: str, where: str) -> dict:
+  try:
+    record = json.loads(line.rstrip('\r\n'))
+  except json.JSONDecodeError as e:
+    raise config.ConfigError(f'{where} is not valid JSON ({e.msg}, column {e.colno}); fix or delete that'
+                             ' line (.jsonl files hold one JSON object per line).') from None
+  if not isinstance(record, dict):
+    raise config.ConfigError(f'{where} is a JSON {type(record).__name__}, not an object; .jsonl files hold'
+                             ' one JSON object per line, fix that line.')
+  return record
 
 
 def _features():
@@ -242,7 +279,7 @@ class Pystdlib(tfds.core.GeneratorBasedBuilder):
     root = epath.Path(sysconfig.get_paths()['stdlib'])
     files = _stdlib_files(root)
     return _nonempty_splits({
-        split: self._generate_examples(_documents_in_files(root, files, '', _in_split(split)))
+        split: self._generate_examples(_documents_in_files(root, files, '', _in_split(split), strict=False))
         for split in SPLITS
     })
 
@@ -338,6 +375,34 @@ def _builder(cfg, data_dir=None):
       f'data.dataset={cfg.data.dataset!r} is not one of {DATASETS}; pick one of those.')
 
 
+_SOURCE_FILE = 'nopejax_source.json'  # Beside a prepared textdir copy: the files it was prepared from.
+_checked_sources = set()
+
+
+def _source_files(cfg) -> list:
+  """[name, size] of every file of data.text_dir, to notice files changed after preparation."""
+  root = paths.resolve(cfg.data.text_dir)
+  return [[path.relative_to(root).as_posix(), path.stat().length] for path in _text_files(root)]
+
+
+def _check_source(cfg, builder) -> None:
+  """A prepared textdir copy must come from the files data.text_dir holds now (once per process)."""
+  if cfg.data.dataset != 'textdir' or builder.data_dir in _checked_sources:
+    return
+  record = epath.Path(builder.data_dir) / _SOURCE_FILE
+  now = _source_files(cfg)
+  if record.exists():
+    then = json.loads(record.read_text())
+    if then != now:
+      changed = sorted({tuple(f) for f in then} ^ {tuple(f) for f in now})
+      raise config.ConfigError(
+          f'data.text_dir={cfg.data.text_dir!r} changed since it was prepared into {builder.data_dir} (first'
+          f' difference: {changed[0][0]}); delete {builder.data_dir} to prepare it again, or restore the files.')
+  else:
+    record.write_text(json.dumps(now))
+  _checked_sources.add(builder.data_dir)
+
+
 def _prepared_builder(cfg):
   builder, download_config = _builder(cfg)
   _let_tfds_spill_without_tensorflow()
@@ -347,8 +412,10 @@ def _prepared_builder(cfg):
       local, _ = _builder(cfg, data_dir=staging)
       local.download_and_prepare(download_config=download_config)
       paths.copy_tree(local.data_dir, builder.data_dir)
-    return _builder(cfg)[0]
-  builder.download_and_prepare(download_config=download_config)  # Returns at once when prepared.
+    builder = _builder(cfg)[0]
+  else:
+    builder.download_and_prepare(download_config=download_config)  # Returns at once when prepared.
+  _check_source(cfg, builder)
   return builder
 
 

@@ -374,6 +374,10 @@ def check_overrides(overrides: dict) -> None:
     if not (key.startswith('eval.') or key in _OVERRIDABLE):
       raise ConfigError(f'{key} describes the trained run and cannot change at evaluation; '
                         f'only eval.*, {", ".join(_OVERRIDABLE)} can be overridden.')
+  temperature = overrides.get('model.temperature')
+  if temperature is not None and not temperature > 0:
+    raise ConfigError(f'model.temperature={temperature} must be positive (it multiplies every query); '
+                      'set a value like 1.5.')
 
 
 def _set_key(cfg, dotted, value):

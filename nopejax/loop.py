@@ -1,5 +1,6 @@
 """run(cfg, workdir): the training loop, for pretraining and for the temperature search alike."""
-import math
+import contextlib
+import json
 import time
 
 import jax
@@ -18,15 +19,22 @@ def _prepare_data(cfg) -> None:
     data.prepare(cfg)  # Finds process 0's copy on shared storage, or builds this host's own.
 
 
-def _write_config(cfg, workdir) -> None:
+def _write_config(cfg, workdir, start_step: int) -> None:
+  """config.json is the config of the latest start; config_history.jsonl keeps every start's."""
   if jax.process_index() == 0:
-    paths.write_text(paths.resolve(workdir) / 'config.json', config.to_json(cfg))
+    workdir = paths.resolve(workdir)
+    paths.write_text(workdir / 'config.json', config.to_json(cfg))
+    history = metrics.AppendFile(workdir / 'config_history.jsonl')
+    history.write((json.dumps({'start_step': start_step, 'time': time.strftime('%Y-%m-%d %H:%M:%S'),
+                               'config': cfg.to_dict()}) + '\n').encode())
+    history.close()
 
 
 def run(cfg, workdir) -> dict:
   """Trains in `workdir` until train.steps (or train.stop_after), resuming from its latest checkpoint.
 
-  Returns the last logged values. Raises config.ConfigError for anything the user must fix.
+  Returns the last logged values. Raises config.ConfigError for anything the user must fix, and
+  FloatingPointError when an update is non-finite (see train.skip_nonfinite).
   """
   # ---------------------------------------------------------------- Checks, mesh, optimizer.
   config.validate(cfg)
@@ -39,8 +47,12 @@ def run(cfg, workdir) -> dict:
     raise config.ConfigError("train.trainable='temperature' needs search.base, the workdir of a pretrained model; set --config.search.base=DIR.")
   logging.info('Mesh %s over %d devices (%s).', dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
 
-  # SIGTERM / SIGINT from here on: finish the step, save, stop (and exit 0 from the command line).
-  with jax.set_mesh(mesh), checkpoint.StopSignals() as stop_signals:
+  # Whatever is entered on `cleanup` is undone on the way out, errors included: the checkpoint
+  # being written completes, the logs close, the workdir lock goes.
+  with contextlib.ExitStack() as cleanup:
+    cleanup.enter_context(jax.set_mesh(mesh))
+    # SIGTERM / SIGINT from here on: finish the step, save, stop (and exit 0 from the command line).
+    stop_signals = cleanup.enter_context(checkpoint.StopSignals())
     # -------------------------------------------------------------- Compiled steps, state.
     graphdef, abstract, shardings = step_lib.abstract_state(cfg, mesh, tx)
     batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
@@ -54,35 +66,53 @@ def run(cfg, workdir) -> dict:
 
     _prepare_data(cfg)
     train_batches = data.train_iterator(cfg, sharding.process_rows(batch_sharding, cfg.train.batch_size))
-    resume_step = checkpoint.latest_step(workdir)
-    if resume_step is not None:
-      state, meta = checkpoint.restore(workdir, cfg, graphdef, abstract, train_batches, resume_step)
+    cleanup.enter_context(checkpoint.WorkdirLock(workdir))  # Before anything reads or writes the workdir.
+    resumed = checkpoint.restore_newest(workdir, cfg, graphdef, abstract, train_batches)
+    if resumed:
+      state, meta, resume_step = resumed
       base = meta['base']
       logging.info('Resumed from step %d in %s.', resume_step, workdir)
     elif is_search:
       state, base = search.start_state(cfg, workdir, graphdef, abstract, shardings, tx, validation_loss)
     else:
       state, base = step_lib.init_state(cfg, shardings, tx), None
-    _write_config(cfg, workdir)
+    first_step = int(state['step']) + 1
+    _write_config(cfg, workdir, first_step - 1)
 
     # -------------------------------------------------------------- Loop.
     manager = checkpoint.make_manager(workdir, cfg)
-    writer = metrics.Writer(workdir)
+    cleanup.callback(manager.close)  # Waits for a save in flight.
+    writer = metrics.Writer(workdir, first_step)  # Drops what an earlier start logged after its last checkpoint.
+    cleanup.callback(writer.close)
     throughput = metrics.Throughput(cfg, mesh.size, peak_flops)
-    logged, pending, saved_step = {}, None, resume_step
+    logged, pending, saved_step = {}, None, first_step - 1
+    skipped = {'in_a_row': 0, 'total': 0}
 
     def finish(step, values):
-      """Reads a dispatched step's metrics back (a sync point) and logs them on log steps."""
+      """Reads a dispatched step's metrics back (a sync point), stops or skips on a non-finite
+      update, and logs log steps."""
       values = {k: float(v) for k, v in jax.device_get(values).items()}
-      if not math.isfinite(values['loss']):
-        raise FloatingPointError(f'The loss became {values["loss"]} at step {step}; lower train.learning_rate or check the data.')
-      if step == first_step or step % cfg.train.log_every == 0 or step == last_step or 'eval_loss' in values:
+      nonfinite = values.pop('nonfinite') > 0
+      skipped['in_a_row'] = skipped['in_a_row'] + 1 if nonfinite else 0
+      skipped['total'] += nonfinite
+      if nonfinite and skipped['in_a_row'] > cfg.train.skip_nonfinite:
+        in_a_row = f' ({skipped["in_a_row"]} in a row)' if cfg.train.skip_nonfinite else ''
+        last_good = checkpoint.checkpoint_dir(workdir) / str(saved_step) if saved_step else 'none yet'
+        raise FloatingPointError(
+            f'Step {step} had a non-finite loss ({values["loss"]}) or gradient norm ({values["grad_norm"]}){in_a_row}, '
+            f'so its update was not applied and nothing after step {saved_step} was saved (last good checkpoint: '
+            f'{last_good}); lower train.learning_rate or check the data, or set train.skip_nonfinite=N to skip up to '
+            'N such updates in a row.')
+      if nonfinite:
+        logging.warning('Step %d: non-finite loss or gradient; update skipped (%d in a row).', step, skipped['in_a_row'])
+      if cfg.train.skip_nonfinite:
+        values['skipped_updates'] = skipped['total']
+      if step == first_step or step % cfg.train.log_every == 0 or step == last_step or 'eval_loss' in values or nonfinite:
         values.update(throughput.report(step))
         writer.write(step, values)
         metrics.log_line(step, cfg.train.steps, values)
         logged.update(values, step=step)
 
-    first_step = int(state['step']) + 1
     for step in range(first_step, last_step + 1):
       state, step_metrics = train_step(state, data.global_batch(next(train_batches), batch_sharding, cfg.train.batch_size))
       if pending:
@@ -94,6 +124,8 @@ def run(cfg, workdir) -> dict:
         throughput.exclude(time.perf_counter() - eval_start)
       stopping = stop_signals.requested(step)
       if step % cfg.train.checkpoint_every == 0 or step == last_step or stopping:
+        finish(*pending)  # A non-finite step stops the run here, before anything of it is saved.
+        pending = None
         checkpoint.save(manager, state, train_batches, cfg, base)
         saved_step = step
       if stopping:
@@ -107,9 +139,6 @@ def run(cfg, workdir) -> dict:
       checkpoint.save(manager, state, train_batches, cfg, base)
     if is_search:
       search.write_temperatures(workdir, search.temperatures_by_layer(state['params']))
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
   return logged
 
 

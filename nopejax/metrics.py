@@ -1,6 +1,7 @@
 """Throughput and logging: FLOPs, MFU, the progress line, metrics.jsonl and TensorBoard events."""
 import json
 import os
+import struct
 import time
 
 import jax
@@ -103,18 +104,57 @@ def _url_event_files() -> None:
     record_writer.register_writer_factory(scheme, _AppendFileFactory())
 
 
+def _drop_metrics_from(path, first_step: int) -> None:
+  """metrics.jsonl without the lines of steps >= first_step (or cut short by a kill)."""
+  if not path.exists():
+    return
+  text, kept = path.read_text(), []
+  for line in text.splitlines(keepends=True):
+    try:
+      if line.endswith('\n') and json.loads(line)['step'] < first_step:
+        kept.append(line)
+    except ValueError:
+      pass
+  if ''.join(kept) != text:
+    path.write_text(''.join(kept))
+
+
+def _drop_events_from(path, first_step: int) -> None:
+  """A TensorBoard event file without the summaries of steps >= first_step (or cut short by a kill)."""
+  from tensorboardX.proto import event_pb2
+  data, kept, i = path.read_bytes(), [], 0
+  while i + 12 <= len(data):  # Records: length (8 bytes), its crc (4), the event, its crc (4).
+    (length,) = struct.unpack('<Q', data[i:i + 8])
+    end = i + 12 + length + 4
+    if end > len(data):
+      break
+    event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+    if not event.HasField('summary') or event.step < first_step:
+      kept.append(data[i:end])
+    i = end
+  if sum(map(len, kept)) != len(data):
+    path.write_bytes(b''.join(kept))
+
+
 class Writer:
   """Writes each logged step to metrics.jsonl and TensorBoard in `workdir` (a path or URL); only
-  process 0 writes."""
+  process 0 writes. A run that starts at `first_step` first drops what an earlier start logged
+  from there on (steps after its last checkpoint, which this start trains again), so every step
+  is logged once whatever the restarts."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, first_step: int = 1):
     self.active = jax.process_index() == 0
     if self.active:
       from tensorboardX import SummaryWriter  # Writes TensorBoard event files without tensorflow.
       _url_event_files()
       workdir = paths.resolve(workdir)
+      _drop_metrics_from(workdir / 'metrics.jsonl', first_step)
+      if (workdir / 'tensorboard').is_dir():
+        for path in (workdir / 'tensorboard').iterdir():
+          _drop_events_from(path, first_step)
       self.jsonl = AppendFile(workdir / 'metrics.jsonl')
-      self.tensorboard = SummaryWriter(os.fspath(workdir / 'tensorboard'))
+      # One event file per start (its name has the second it was made and, here, the first step).
+      self.tensorboard = SummaryWriter(os.fspath(workdir / 'tensorboard'), filename_suffix=f'.from{first_step}')
 
   def write(self, step: int, values: dict) -> None:
     if not self.active:

@@ -43,6 +43,13 @@ def start_state(cfg, workdir, graphdef, abstract, shardings, tx, validation_loss
   if base_step is None:
     raise ConfigError(f'search.base={cfg.search.base} holds no checkpoint; point it at a pretraining --workdir.')
   model_state = checkpoint.restore_model(base_dir, cfg, step_lib.model_state(abstract), base_step)
+  # The search's checkpoints point at this step: pin it so the base run's rotation keeps it.
+  if jax.process_index() == 0:
+    pinned = checkpoint.pin(base_dir, base_step, workdir)
+    logging.info('Pinned step %d of %s for this search (%s): its rotation keeps that step.', base_step, base_dir, pinned)
+  if base_step not in checkpoint.all_steps(base_dir):
+    raise ConfigError(f'Step {base_step} of search.base={cfg.search.base} was rotated away while this search started; '
+                      'run it again.')
   params, frozen = step_lib.split_model_state(cfg, graphdef, model_state)
   init = config.search_init(cfg)
   if init == 'auto':

@@ -62,9 +62,29 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def check_rules(rules) -> None:
+  for logical, mesh_axes in rules:
+    for axis in (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ()):
+      if axis not in MESH_AXES:
+        raise ConfigError(f'mesh.rules sends {logical!r} to {axis!r}, which is not a mesh axis {MESH_AXES}; '
+                          'name one of those (or None) in that rule.')
+
+
 def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
+  """The configured mesh over `devices` (default all), after checking what the devices must allow."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(cfg, len(devices))
+  check_rules(cfg.mesh.rules)
+  batch_axes = logical_spec(('batch',), cfg.mesh.rules)[0]
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+  ways = math.prod(dict(zip(MESH_AXES, shape))[axis] for axis in batch_axes)
+  if cfg.train.batch_size % ways:
+    raise ConfigError(
+        f'train.batch_size={cfg.train.batch_size} cannot be split over the {ways} devices of mesh axes {batch_axes} '
+        f'that hold the batch; set train.batch_size to a multiple of {ways} or change the mesh.')
+  if cfg.model.attention_impl == 'cudnn' and devices[0].platform != 'gpu':
+    raise ConfigError(f"model.attention_impl='cudnn' runs only on NVIDIA GPUs, not on {devices[0].platform}; "
+                      'set model.attention_impl=xla.')
   # Auto axes: XLA propagates shardings between the annotated points (GSPMD style).
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices)
 

@@ -36,14 +36,21 @@ def make_train_step(cfg, graphdef, tx):
 
   def train_step(state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(state['params'], state['frozen'], batch)
+    grad_norm = optax.tree.norm(grads)
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     if clamp:
       params = optim.clamp_temperatures(params, cfg.search.min_temperature)
+    # A non-finite loss or gradient leaves weights and optimizer state as they were, so no state
+    # ever holds a NaN and no checkpoint can; the loop stops or skips (train.skip_nonfinite).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt),
+                               (state['params'], state['opt']))
     metrics = {
         'loss': loss,
-        'grad_norm': optax.tree.norm(grads),
+        'grad_norm': grad_norm,
         'learning_rate': schedule(state['step']),
+        'nonfinite': 1 - finite.astype(jnp.int32),
     }
     return dict(state, step=state['step'] + 1, params=params, opt=opt), metrics
 

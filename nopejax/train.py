@@ -7,7 +7,9 @@ SLURM, Open MPI, Kubernetes), or by hand on any machines:
   python -m nopejax.train ... --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
 """
 import logging as logging_std
+import os
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -37,6 +39,7 @@ def _parse_flags(argv):
       key = arg[len('--config.'):].split('=')[0]
       if not config.is_declared(key):
         _fail(f'Unknown config key {key}; every key is declared in configs/base.py, check the spelling there.')
+  _check_config_file(argv)
   try:
     argv = flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
@@ -50,8 +53,28 @@ def _parse_flags(argv):
   return argv
 
 
+def _check_config_file(argv) -> None:
+  """Runs the --config file's get_config() once, so a syntax error or a failing get_config() is one
+  sentence instead of config_flags' traceback."""
+  from nopejax import config
+  for i, arg in enumerate(argv[1:], 1):
+    path = arg.split('=', 1)[1] if arg.startswith('--config=') else argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None
+    if path and os.path.isfile(path):
+      try:
+        config.from_file(path)
+      except Exception as e:  # Whatever the file raises.
+        where, detail = (f' at line {e.lineno}', e.msg) if isinstance(e, SyntaxError) else ('', str(e))
+        _fail(f'The config file {path} fails{where} ({type(e).__name__}: {" ".join(detail.split())[:200]}); '
+              'fix it so that its get_config() returns the config.')
+
+
 def _fail(message, code=2):
+  """One `error:` sentence and the exit code; nothing after it (orbax's unfinished asyncio tasks and
+  worker threads would otherwise log their tracebacks at exit)."""
   print(f'error: {message}', file=sys.stderr)
+  sys.stderr.flush()
+  logging_std.getLogger('asyncio').disabled = True
+  threading.excepthook = lambda args: None
   sys.exit(code)
 
 

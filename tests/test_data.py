@@ -25,7 +25,10 @@ def make_cfg(tfds_dir, **data_values):
 def write_files(root: pathlib.Path, files: dict) -> str:
   for name, text in files.items():
     (root / name).parent.mkdir(parents=True, exist_ok=True)
-    (root / name).write_text(text)
+    if isinstance(text, bytes):
+      (root / name).write_bytes(text)
+    else:
+      (root / name).write_text(text)
   return str(root)
 
 
@@ -186,6 +189,41 @@ def test_textdir_errors_name_the_key(tmp_path, tfds_dir):
     data.load_split(cfg, 'test')  # An empty split.
   cfg.data.dataset = 'wikipedia'
   with pytest.raises(ValueError, match="data.dataset.*pystdlib"):
+    data.load_split(cfg, 'train')
+
+
+@pytest.mark.parametrize('files, message', [
+    ({'train/a.jsonl': '{"text": "fine"}\n{"text": "cut off\n'},
+     r'train/a.jsonl:2 is not valid JSON \(Unterminated string starting at, column 10\); fix or delete that line'),
+    ({'train/a.jsonl': '["a list"]\n'}, r'train/a.jsonl:1 is a JSON list, not an object; .jsonl files hold one JSON object'),
+    ({'train/a.jsonl': '{"text": ["a", "b"]}\n'},
+     r"The 'text' field of .*train/a.jsonl:1 is a list, not a string; store the text as a string there"),
+    ({'train/a.txt': 'caf\u00e9'.encode('latin-1')},
+     r'train/a.txt is not UTF-8 text \(byte 0xe9 at offset 3\); convert it to UTF-8 or remove it'),
+    ({'train/a.txt': b'\x7fELF\x02\x01\x01\x00\x00'}, r'train/a.txt holds NUL bytes, so it is binary, not text; remove it'),
+], ids=['malformed_jsonl', 'jsonl_not_an_object', 'text_not_a_string', 'not_utf8', 'binary'])
+def test_bad_corpus_files_are_refused_in_one_sentence(tmp_path, tfds_dir, files, message):
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=write_files(tmp_path / 'corpus', files))
+  with pytest.raises(ValueError, match=message):
+    data.load_split(cfg, 'train')
+
+
+def test_a_tokenizer_that_is_not_sentencepiece_is_refused(tmp_path):
+  (tmp_path / 'tokenizer.json').write_text('{"model": {"type": "BPE"}}')
+  cfg = make_cfg('', tokenizer=str(tmp_path / 'tokenizer.json'))
+  with pytest.raises(ValueError, match=r"data.tokenizer=.*tokenizer.json' is not a SentencePiece model .*; set it to a"
+                                       r" SentencePiece .model file \(a Hugging Face tokenizer.json is not one\)"):
+    data.make_tokenizer(cfg)
+
+
+def test_corpus_changed_after_preparation_is_refused(tmp_path, tfds_dir, monkeypatch):
+  text_dir = write_files(tmp_path / 'changing', {'train/a.txt': 'first', 'train/b.txt': 'second'})
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=text_dir)
+  assert len(data.load_split(cfg, 'train')) == 2
+  (tmp_path / 'changing' / 'train' / 'b.txt').write_text('second, longer now')
+  monkeypatch.setattr(data, '_checked_sources', set())  # As a new run, a new process, would.
+  with pytest.raises(ValueError, match=r'data.text_dir=.* changed since it was prepared into .* \(first difference:'
+                                       r' train/b.txt\); delete .* to prepare it again, or restore the files'):
     data.load_split(cfg, 'train')
 
 

@@ -265,6 +265,13 @@ def test_overrides_of_the_trained_model_are_refused(pretrained):
     evaluate.evaluate(pretrained, {'eval.lenghts': (16,)})
 
 
+@pytest.mark.parametrize('temperature', [0.0, -1.5])
+def test_a_temperature_override_must_be_positive(pretrained, temperature):
+  with pytest.raises(ConfigError, match=f'model.temperature={temperature} must be positive .*; set a value like 1.5'):
+    evaluate.evaluate(pretrained, {'model.temperature': temperature})
+  assert not os.path.exists(os.path.join(pretrained, f'eval_c{temperature:g}'))
+
+
 def _cli(*args):
   return subprocess.run([sys.executable, '-m', 'nopejax.evaluate', *args], capture_output=True, text=True,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)

@@ -1,5 +1,6 @@
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -52,10 +53,41 @@ def test_writer_on_an_object_store_rewrites_whole_files(gcs):
   # GCS objects cannot be appended to: each flush writes the whole file again, and a restart keeps
   # what the file already held.
   for step in (1, 2):
-    writer = metrics.Writer('gs://bucket/run')
+    writer = metrics.Writer('gs://bucket/run', first_step=step)
     writer.write(step, {'loss': float(step)})
     writer.close()
   stored = gcs.objects()
   assert stored['bucket/run/metrics.jsonl'].decode().splitlines() == ['{"step": 1, "loss": 1.0}', '{"step": 2, "loss": 2.0}']
   events = [name for name in stored if name.startswith('bucket/run/tensorboard/events.out.tfevents')]
   assert events and all(len(stored[name]) > 50 for name in events)
+
+
+def event_steps(directory):
+  """(tag, step) of every scalar in the TensorBoard event files of `directory`."""
+  from tensorboardX.proto import event_pb2
+  found = []
+  for name in sorted(os.listdir(directory)):
+    data, i = (directory / name).read_bytes(), 0
+    while i < len(data):
+      (length,) = struct.unpack('<Q', data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      found += [(value.tag, event.step) for value in event.summary.value]
+      i += 16 + length
+  return found
+
+
+def test_a_restart_drops_what_was_logged_after_its_checkpoint(tmp_path):
+  writer = metrics.Writer(str(tmp_path))
+  for step in range(1, 6):
+    writer.write(step, {'loss': float(step)})
+  writer.close()
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 6, "lo')  # A line cut short by kill -9.
+  writer = metrics.Writer(str(tmp_path), first_step=4)  # Resumed from the checkpoint of step 3.
+  for step in range(4, 7):
+    writer.write(step, {'loss': 10.0 + step})
+  writer.close()
+  with open(tmp_path / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  assert [(r['step'], r['loss']) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+  assert sorted(event_steps(tmp_path / 'tensorboard')) == [('loss', step) for step in range(1, 7)]

@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +42,21 @@ def test_mesh_shape_resolves_minus_one_and_rejects_mismatches():
     sharding.mesh_shape(with_mesh(cfg, -1, 3, 1), 8)
   with pytest.raises(ConfigError, match='at most one -1'):
     sharding.mesh_shape(with_mesh(cfg, -1, -1, 1), 8)
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'mesh.rules': (('batch', ('data', 'fsdpp')),)},
+     "mesh.rules sends 'batch' to 'fsdpp', which is not a mesh axis ('data', 'fsdp', 'tensor')"),
+    ({'train.batch_size': 12}, "train.batch_size=12 cannot be split over the 8 devices of mesh axes ('data', 'fsdp')"),
+    ({'model.attention_impl': 'cudnn', 'model.dtype': 'bfloat16'}, "model.attention_impl='cudnn' runs only on NVIDIA GPUs, not on cpu"),
+])
+def test_what_the_devices_must_allow_is_checked_with_the_mesh(changes, message):
+  cfg = small_config()
+  for dotted, value in changes.items():
+    section, key = dotted.split('.')
+    cfg[section][key] = value
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    sharding.make_mesh(cfg)
 
 
 def test_logical_spec_uses_each_mesh_axis_once():
