@@ -91,7 +91,7 @@ def pin(base_workdir, step: int, search_workdir) -> epath.Path:
   except OSError as e:
     raise ConfigError(
         f'Cannot pin step {step} of search.base={base_workdir} against its rotation ({type(e).__name__}: {e}); '
-        'make that directory writable, or copy its config.json and checkpoints/{step} to a directory '
+        f'make that directory writable, or copy its config.json and checkpoints/{step} to a directory '
         'that no run rotates and point search.base there.') from None
   return path
 

@@ -1,16 +1,20 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import nopejax
 from conftest import small_config
-from nopejax import config, data, loop
+from nopejax import checkpoint, config, data, loop
 from nopejax.config import ConfigError
 
 
@@ -133,3 +137,132 @@ def test_sigterm_finishes_the_step_saves_and_the_resumed_run_matches(full_run, t
   loop.run(cfg, workdir)
   assert [m['step'] for m in read_metrics(workdir)] == list(range(1, 41))
   assert losses(workdir, 8, 40) == losses(full_dir, 8, 40)  # Same process: bit for bit.
+
+
+def poison_batch(monkeypatch, at_calls):
+  """data.global_batch whose loss mask is NaN on the given calls (1-based): a bad batch that makes
+  that step's loss and gradient non-finite."""
+  real_global_batch = data.global_batch
+  calls = []
+
+  def global_batch(local, *args):
+    calls.append(1)
+    if len(calls) in at_calls:
+      local = dict(local, loss_mask=np.full_like(local['loss_mask'], np.nan))
+    return real_global_batch(local, *args)
+
+  monkeypatch.setattr(data, 'global_batch', global_batch)
+
+
+def test_a_non_finite_update_is_never_applied_or_saved_and_stops_the_run(tfds_dir, tmp_path, monkeypatch):
+  cfg = small_config(tfds_dir)
+  cfg.train.checkpoint_every = 5
+  poison_batch(monkeypatch, {7})
+  with pytest.raises(FloatingPointError, match=r'Step 7 had a non-finite loss \(nan\) or gradient norm \(nan\), so its '
+                     r'update was not applied and nothing after step 5 was saved \(last good checkpoint: .*/checkpoints/5\);'
+                     r' lower train.learning_rate or check the data, or set train.skip_nonfinite=N'):
+    loop.run(cfg, str(tmp_path))
+  assert os.listdir(tmp_path / 'checkpoints') == ['5'] and not os.path.exists(tmp_path / 'lock.json')
+  model, _ = nopejax.load(str(tmp_path))
+  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(nnx.state(model)))
+
+
+def test_skip_nonfinite_skips_bad_updates_counts_them_and_stops_after_n_in_a_row(full_run, tfds_dir, tmp_path, monkeypatch):
+  _, full_dir = full_run
+  cfg = small_config(tfds_dir)
+  cfg.train.skip_nonfinite = 2
+  cfg.train.stop_after = 12
+  poison_batch(monkeypatch, {3, 4, 9})
+  loop.run(cfg, str(tmp_path / 'skips'))
+  records = {m['step']: m for m in read_metrics(tmp_path / 'skips')}
+  assert records[3]['skipped_updates'] == 1 and records[4]['skipped_updates'] == 2 and records[12]['skipped_updates'] == 3
+  assert np.isnan(records[3]['loss']) and np.isfinite(records[5]['loss'])
+  # Skipped steps leave the state alone: step 5 sees the weights of step 2, unlike the uninterrupted run.
+  assert records[2]['loss'] == losses(full_dir, 2, 2)[0] and records[5]['loss'] != losses(full_dir, 5, 5)[0]
+  poison_batch(monkeypatch, {2, 3, 4})
+  with pytest.raises(FloatingPointError, match=r'Step 4 had a non-finite loss \(nan\) or gradient norm \(nan\) \(3 in a row\)'):
+    loop.run(cfg, str(tmp_path / 'three'))
+
+
+def damage(step_dir):
+  """Overwrites every data file of a checkpoint step's model item, as a failing disk would."""
+  for root, _, files in os.walk(os.path.join(step_dir, 'model')):
+    for name in files:
+      if os.path.basename(root) == 'd':
+        with open(os.path.join(root, name), 'wb') as f:
+          f.write(b'garbage')
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_step(full_run, tmp_path, caplog):
+  cfg, full_dir = full_run
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(full_dir, workdir)
+  damage(os.path.join(workdir, 'checkpoints', '40'))
+  os.makedirs(os.path.join(workdir, 'checkpoints', '50.orbax-checkpoint-tmp-1700000000'))  # A save cut short.
+  loop.run(cfg, workdir)
+  assert 'checkpoints/40 does not fit this model or is damaged' in caplog.text
+  assert 'Resuming from step 30 instead; the damaged step is kept as' in caplog.text
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '30', '40', '40.damaged']
+  assert [m['step'] for m in read_metrics(workdir)] == list(range(1, 41))  # 31-40 once, trained again.
+  assert losses(workdir, 31, 40) == losses(full_dir, 31, 40)
+
+
+def test_when_no_checkpoint_reads_back_the_run_stops_in_one_sentence_and_renames_nothing(full_run, tmp_path):
+  cfg, full_dir = full_run
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(full_dir, workdir)
+  for step in ('20', '30', '40'):
+    damage(os.path.join(workdir, 'checkpoints', step))
+  before = tree_digest(workdir)
+  with pytest.raises(ConfigError, match=r'checkpoints/40 does not fit this model or is damaged .*; use a matching config'):
+    loop.run(cfg, workdir)
+  assert tree_digest(workdir) == before
+
+
+def test_a_second_run_on_a_live_runs_workdir_is_refused(full_run, tmp_path):
+  cfg, full_dir = full_run
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(full_dir, workdir)
+  holder = {'host': socket.gethostname(), 'pid': os.getppid(), 'token': 'other', 'started': '2026-11-23 10:00:00',
+            'heartbeat': 0}
+  with open(os.path.join(workdir, 'lock.json'), 'w') as f:
+    json.dump(holder, f)
+  before = tree_digest(workdir)
+  with pytest.raises(ConfigError, match=rf'copy is in use by the run of pid {os.getppid()} on {socket.gethostname()} '
+                     r'\(started 2026-11-23 10:00:00\); stop that run or use another --workdir'):
+    loop.run(cfg, workdir)
+  assert tree_digest(workdir) == before
+
+
+def test_the_lock_of_a_dead_run_is_taken_over(tmp_path, monkeypatch):
+  for holder in ({'host': socket.gethostname(), 'pid': 2 ** 22 + 7, 'heartbeat': 0},  # No such process here.
+                 {'host': 'elsewhere', 'pid': 1, 'heartbeat': time.time() - 600}):  # Silent for 10 minutes.
+    (tmp_path / 'lock.json').write_text(json.dumps(dict(holder, token='old', started='then')))
+    with checkpoint.WorkdirLock(str(tmp_path)):
+      assert json.loads((tmp_path / 'lock.json').read_text())['pid'] == os.getpid()
+    assert not (tmp_path / 'lock.json').exists()
+  (tmp_path / 'lock.json').write_text(json.dumps({'host': 'elsewhere', 'pid': 1, 'heartbeat': time.time(),
+                                                  'token': 'old', 'started': 'now'}))
+  with pytest.raises(ConfigError, match='is in use by the run of pid 1 on elsewhere'):
+    checkpoint.WorkdirLock(str(tmp_path)).__enter__()
+
+
+def test_each_step_is_logged_once_and_each_starts_config_kept(full_run, tfds_dir, tmp_path):
+  _, full_dir = full_run
+  workdir = str(tmp_path)
+  cfg = small_config(tfds_dir)
+  cfg.train.stop_after = 20
+  loop.run(cfg, workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:  # As if killed at step 23, after checkpoint 20.
+    f.writelines(json.dumps({'step': s, 'loss': 0.0}) + '\n' for s in (21, 22, 23))
+  cfg.train.stop_after = 0
+  cfg.train.log_every = 2  # A changed config is kept beside the first.
+  loop.run(cfg, workdir)
+  records = read_metrics(workdir)
+  assert [r['step'] for r in records] == list(range(1, 21)) + [21] + list(range(22, 41, 2))
+  assert 0.0 not in [r['loss'] for r in records]  # The killed start's lines after its checkpoint are gone.
+  with open(os.path.join(workdir, 'config_history.jsonl')) as f:
+    history = [json.loads(line) for line in f]
+  assert [(h['start_step'], h['config']['train']['log_every']) for h in history] == [(0, 1), (20, 2)]
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['train']['log_every'] == 2

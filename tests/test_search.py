@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from flax import nnx
 
 import nopejax
 from conftest import small_config
-from nopejax import loop, model, optim, search, sharding, step as step_lib
+from nopejax import checkpoint, loop, model, optim, paths, search, sharding, step as step_lib
 from nopejax.config import ConfigError
 
 PRETRAIN_LENGTH = 16
@@ -180,3 +181,36 @@ def test_load_with_uniform_temperature(search_run):
   m, cfg = nopejax.load(workdir, temperature=1.5)
   assert cfg.model.temperature == 1.5
   assert np.all(np.array(search.temperatures_by_layer(nnx.state(m))) == 1.5)
+
+
+def test_the_search_pins_its_base_step_against_the_base_runs_rotation(small_run, tfds_dir, tmp_path):
+  base_cfg, trained = small_run
+  base = str(tmp_path / 'base')
+  shutil.copytree(trained, base)  # Checkpoints 20, 30, 40.
+  cfg = search_config(tfds_dir, base)
+  cfg.train.steps, cfg.train.warmup_steps, cfg.train.checkpoint_every, cfg.search.init = 2, 1, 2, '1.2'
+  loop.run(cfg, str(tmp_path / 'search'))
+  pins = os.listdir(os.path.join(base, 'pins'))
+  assert len(pins) == 1 and pins[0].startswith('40-search-')
+  # The base run goes on with one checkpoint kept: its rotation deletes 20, 30 and 50, never the pinned 40.
+  base_cfg = base_cfg.copy_and_resolve_references()
+  base_cfg.train.steps, base_cfg.train.keep_checkpoints = 60, 1
+  loop.run(base_cfg, base)
+  assert sorted(os.listdir(os.path.join(base, 'checkpoints')), key=int) == ['40', '60']
+  model_, _ = nopejax.load(str(tmp_path / 'search'))
+  assert np.all(np.array(search.temperatures_by_layer(nnx.state(model_))) >= 1.0)
+  # A base step deleted all the same (or by a search that predates pins) is named, with the fix.
+  shutil.rmtree(os.path.join(base, 'checkpoints', '40'))
+  with pytest.raises(ConfigError, match=r'The search in .*search needs step 40 of its base run .*base, which is gone '
+                     r'\(deleted, or rotated away before searches pinned their base step\); put .*checkpoints/40 back'):
+    nopejax.load(str(tmp_path / 'search'))
+
+
+def test_a_base_that_cannot_be_pinned_is_refused_with_the_fix(tmp_path, monkeypatch):
+  def read_only(path, text):
+    raise PermissionError(13, 'Permission denied')
+
+  monkeypatch.setattr(paths, 'write_text', read_only)
+  with pytest.raises(ConfigError, match=r'Cannot pin step 40 of search.base=.* against its rotation \(PermissionError: '
+                     r'.*\); make that directory writable, or copy its config.json and checkpoints/40 to a directory'):
+    checkpoint.pin(str(tmp_path / 'base'), 40, str(tmp_path / 'search'))

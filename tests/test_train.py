@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,19 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, args, message):
   assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(tmp_path / 'run')
+
+
+@pytest.mark.parametrize('source, message', [
+    ('from configs import base\ndef get_config(:\n  return base.get_config()\n',
+     'fails at line 2 (SyntaxError: invalid syntax); fix it so that its get_config() returns the config.'),
+    ('from configs import base\ndef get_config():\n  return base.get_config().train.nothing\n',
+     'fails (AttributeError: '),
+], ids=['syntax_error', 'failing_get_config'])
+def test_a_broken_config_file_is_one_sentence(tmp_path, source, message):
+  (tmp_path / 'broken.py').write_text(source)
+  result = train('--config', str(tmp_path / 'broken.py'), '--workdir', str(tmp_path / 'run'))
+  assert result.returncode == 2 and result.stderr.startswith(f'error: The config file {tmp_path}/broken.py {message}')
+  assert 'Traceback' not in result.stderr and not os.path.exists(tmp_path / 'run')
 
 
 def test_missing_config_file_exits_2(tmp_path):
@@ -160,3 +174,19 @@ def test_two_processes_train_like_one_stop_together_on_sigterm_and_resume_as_one
   assert sorted(resumed) == list(range(1, 41))
   np.testing.assert_allclose([resumed[s] for s in range(stop + 1, 41)], [full[s] for s in range(stop + 1, 41)],
                              rtol=1e-5)
+
+
+def test_no_traceback_follows_the_error_sentence(tfds_dir, small_run, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(small_run[1], workdir)
+  for step in ('20', '30', '40'):  # Every step damaged: nothing to fall back to.
+    for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', step, 'model')):
+      for name in files:
+        if os.path.basename(root) == 'd':
+          with open(os.path.join(root, name), 'wb') as f:
+            f.write(b'garbage')
+  result = subprocess.run([sys.executable, '-m', 'nopejax.train', *small_run_flags(tfds_dir, workdir)], cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ), timeout=300)
+  assert result.returncode == 2
+  after = result.stderr[result.stderr.index('error: '):]
+  assert after.startswith('error: The checkpoint at') and after.count('\n') == 1, after[-3000:]
