@@ -10,9 +10,11 @@ A checkpoint step holds four items:
 """
 import hashlib
 import json
+import logging as logging_std
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -168,7 +170,25 @@ def save(manager, state, data_iterator, cfg, base=None) -> None:
       meta=ocp.args.JsonSave(meta)))
 
 
+# When a restore fails, its other reads still finish: tensorstore calls back into orbax's closed
+# event loop (Python prints each as an unraisable 'Event loop is closed' traceback) and orbax's
+# other read tasks end with exceptions nobody retrieves (asyncio logs each). The damaged
+# checkpoint is reported in one sentence; these echoes of it, and only these, are dropped.
+def _ignore_late_callbacks_of_failed_reads(unraisable, previous=sys.unraisablehook):
+  if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'):
+    previous(unraisable)
+
+
+class _UnretrievedOrbaxReads(logging_std.Filter):
+  def filter(self, record):
+    message = record.getMessage()
+    return not (message.startswith('Task exception was never retrieved') and 'orbax' in message)
+
+
 def _restore_items(workdir, step, **items):
+  sys.unraisablehook = _ignore_late_callbacks_of_failed_reads
+  if not any(isinstance(f, _UnretrievedOrbaxReads) for f in logging_std.getLogger('asyncio').filters):
+    logging_std.getLogger('asyncio').addFilter(_UnretrievedOrbaxReads())
   with _reader(workdir) as mgr:
     try:
       return mgr.restore(step, args=ocp.args.Composite(**items))

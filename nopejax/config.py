@@ -1,7 +1,9 @@
 """The one config object: loading, checking and saving it. Every key is declared in configs/base.py."""
 import importlib.util
 import json
+import os
 import pathlib
+import sys
 
 import ml_collections
 from etils import epath
@@ -16,6 +18,16 @@ ATTENTION_IMPLS = ('xla', 'cudnn')
 
 class ConfigError(ValueError):
   """Bad input the user can fix; its message is one sentence naming the key and the fix."""
+
+
+def exit_with_sentence(message: str, code: int = 2):
+  """How the command lines end on bad input: `error: message` on stderr, the exit code, and nothing
+  after it. Orbax's and tensorstore's unfinished asynchronous work (a failed restore's other reads)
+  may still print tracebacks at exit, so stderr is closed off first."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.stderr.flush()
+  os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+  sys.exit(code)
 
 
 def head_dim(cfg) -> int:

@@ -750,8 +750,7 @@ def compare(run_dirs, out) -> dict:
 
 
 def _fail(message, code=2):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(code)
+  config.exit_with_sentence(message, code)
 
 
 def _define_flags():

@@ -8,8 +8,6 @@ SLURM, Open MPI, Kubernetes), or by hand on any machines:
 """
 import logging as logging_std
 import os
-import sys
-import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -69,13 +67,8 @@ def _check_config_file(argv) -> None:
 
 
 def _fail(message, code=2):
-  """One `error:` sentence and the exit code; nothing after it (orbax's unfinished asyncio tasks and
-  worker threads would otherwise log their tracebacks at exit)."""
-  print(f'error: {message}', file=sys.stderr)
-  sys.stderr.flush()
-  logging_std.getLogger('asyncio').disabled = True
-  threading.excepthook = lambda args: None
-  sys.exit(code)
+  from nopejax import config
+  config.exit_with_sentence(message, code)
 
 
 def main(argv):

@@ -190,3 +190,5 @@ def test_no_traceback_follows_the_error_sentence(tfds_dir, small_run, tmp_path):
   assert result.returncode == 2
   after = result.stderr[result.stderr.index('error: '):]
   assert after.startswith('error: The checkpoint at') and after.count('\n') == 1, after[-3000:]
+  # Nor before it: the failed reads' late callbacks and unretrieved tasks print nothing.
+  assert 'Traceback' not in result.stderr and 'Task exception' not in result.stderr, result.stderr[-3000:]
