@@ -43,6 +43,8 @@ class Attention(nnx.Module):
     self.dtype = jnp.dtype(m.dtype)
     self.rules = cfg.mesh.rules
     self.implementation = m.attention_impl
+    self.block_size = m.attention_block
+    self.chunked_from = m.attention_chunked_from
 
   def qkv(self, x_BxTxD):
     """Projections, with the temperature already applied to q."""
@@ -59,7 +61,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD, segment_ids_BxT):
     q, k, v = self.qkv(x_BxTxD)
-    return self.out(attention.attend(q, k, v, segment_ids_BxT, self.implementation))
+    return self.out(attention.attend(q, k, v, segment_ids_BxT, self.implementation, self.block_size,
+                                     self.chunked_from, self.rules))
 
   def forward_chunked(self, x_BxTxD, query_chunk, with_entropy=False):
     """One sequence per row (no segments), `query_chunk` queries at a time: memory linear in T.
