@@ -227,3 +227,22 @@ def test_cudnn_is_refused_off_gpu_with_a_sentence():
   assert attention.kernel_for_run(cfg, 'gpu')[0] == 'cudnn'
   cfg.model.attention_impl = 'splash'
   assert 'interpreted on cpu' in attention.kernel_for_run(cfg, 'cpu')[1]
+
+
+def test_splash_gradient_compiles_for_a_tpu_slice():
+  """Compiled, not run: XLA for a v5e 2x2 slice (libtpu's topology description) takes the Pallas kernel."""
+  from jax.experimental import topologies
+  topology = topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2', chip_config_name='default',
+                                          chips_per_host_bounds=(2, 2, 1), num_slices=1)
+  mesh = jax.sharding.Mesh(np.array(topology.devices).reshape(2, 2, 1), ('data', 'fsdp', 'tensor'),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rules = (('batch', ('data', 'fsdp')), ('heads', 'tensor'), ('kv_heads', 'tensor'))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+  q = jax.ShapeDtypeStruct((4, 1000, 8, 64), jnp.bfloat16, sharding=rows)
+  kv = jax.ShapeDtypeStruct((4, 1000, 2, 64), jnp.bfloat16, sharding=rows)
+  segment_ids = jax.ShapeDtypeStruct((4, 1000), jnp.int32, sharding=rows)
+  loss = lambda q, k, v, s: jnp.sum(attention.attend(q, k, v, s, 'auto', 512, rules=rules).astype(jnp.float32))
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, segment_ids).compile()
+  assert 'tpu_custom_call' in compiled.as_text()  # The Mosaic kernels, forward and backward.
+  assert compiled.memory_analysis().temp_size_in_bytes < 1000 * 1000 * 8 * 4  # No [T, T] logits per head.
