@@ -28,9 +28,17 @@ def abstract_batch(cfg, batch_sharding):
   return batch
 
 
-def compiled_step(cfg):
-  """(mesh, compiled train step, abstract state, abstract batch) for cfg, compiled ahead of time."""
-  mesh = sharding.make_mesh(cfg)
+def tpu_devices(topology_name):
+  """The devices of a TPU slice such as 'v5e:2x4', from libtpu's topology description (no TPU needed)."""
+  from jax.experimental import topologies
+  return topologies.get_topology_desc(platform='tpu', topology_name=topology_name, chip_config_name='default',
+                                      chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+
+
+def compiled_step(cfg, devices=None):
+  """(mesh, compiled train step, abstract state, abstract batch) for cfg, compiled ahead of time
+  for `devices` (default: the local ones; tpu_devices(...) compiles for a TPU slice)."""
+  mesh = sharding.make_mesh(cfg, devices)
   tx = optim.make_optimizer(cfg)
   with jax.set_mesh(mesh):
     graphdef, abstract, shardings = step_lib.abstract_state(cfg, mesh, tx)
