@@ -7,7 +7,7 @@ import ml_collections
 
 from configs import base
 
-POSITIONS = ('nope',)
+POSITIONS = ('nope', 'rope')
 DTYPES = ('float32', 'bfloat16')
 TRAINABLE = ('model', 'temperature')
 ATTENTION_IMPLS = ('xla', 'cudnn')
@@ -66,6 +66,10 @@ def validate(cfg) -> None:
     raise ConfigError(
         f'model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}; '
         'change model.num_kv_heads to a divisor of it.')
+  if m.position == 'rope' and (head_dim(cfg) % 2 or m.rope_theta <= 1):
+    raise ConfigError(
+        f'model.position=rope needs an even head dimension and model.rope_theta > 1 (got {head_dim(cfg)} and '
+        f'{m.rope_theta}); change model.head_dim or model.rope_theta.')
   if m.temperature <= 0:
     raise ConfigError(f'model.temperature={m.temperature} must be positive; set a value like 1.0 or 1.5.')
   t = cfg.train
