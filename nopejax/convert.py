@@ -305,7 +305,7 @@ def _at(tree, path):
   return tree
 
 
-def _conversion_mesh(cfg):
+def conversion_mesh(cfg):
   """As many devices on the fsdp axis as divide the width: each holds a slice of every matrix."""
   import jax
   from nopejax import sharding
@@ -314,40 +314,24 @@ def _conversion_mesh(cfg):
   return jax.make_mesh((n // fsdp, fsdp, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def from_hf(hf_dir, workdir, nope=False, tokenizer=None, compute_dtype='float32') -> dict:
-  """Converts a Hugging Face Llama directory into a new nopejax workdir; returns a summary dict."""
+def read_hf_state(cfg, hf_dir, mesh):
+  """(model state on `mesh`, {tensor name: stored dtype}) of a Hugging Face directory, checked first.
+
+  Files are read one at a time and, in each, one tensor at a time: each device receives only its
+  slice of it (make_array_from_callback), so host memory never holds the model a second time.
+  """
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from nopejax import checkpoint, sharding
+  from nopejax import sharding
   from nopejax.model import Transformer
 
-  # ------------------------------------------------------------ Everything checked before writing.
-  config_path = os.path.join(hf_dir, 'config.json')
-  if not os.path.isfile(config_path):
-    raise ConfigError(f'--hf_dir {hf_dir} has no config.json; point it at a Hugging Face model directory.')
-  hf_config = _read_json(config_path)
-  nope = nope or bool(hf_config.get('nope'))
-  cfg = config_from_hf(hf_config, nope, hf_dir)
-  if compute_dtype not in config.DTYPES:
-    raise ConfigError(f'--compute_dtype {compute_dtype} is not one of {config.DTYPES}; pick one of those.')
-  cfg.model.dtype = compute_dtype
-  if tokenizer is None:
-    found = os.path.join(hf_dir, 'tokenizer.model')
-    tokenizer = found if os.path.isfile(found) else ''
-  if tokenizer not in ('', 'byte') and not os.path.isfile(tokenizer):
-    raise ConfigError(f"--tokenizer {tokenizer} is not a file; pass a SentencePiece .model file or 'byte'.")
-  if os.path.exists(os.path.join(workdir, 'config.json')) or checkpoint.latest_step(workdir) is not None:
-    raise ConfigError(f'--workdir {workdir} already holds a run; convert into a new directory.')
   abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
   shapes = nnx.to_pure_dict(abstract)
   layout = hf_layout(cfg)
   located = checkpoint_files(hf_dir)
   expected = _check_tensors(cfg, layout, shapes, located, hf_dir)
-
-  # ------------------------------------------------------------ Tensors onto the mesh, file by file.
-  # One stored tensor is in host memory at a time; each device receives only its slice of it.
-  shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, _conversion_mesh(cfg), cfg.mesh.rules))
+  shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, cfg.mesh.rules))
   by_file = {}
   for name, file in located.items():
     if name in expected:
@@ -363,27 +347,49 @@ def from_hf(hf_dir, workdir, nope=False, tokenizer=None, compute_dtype='float32'
           ours.shape, _at(shardings, path), lambda index, ours=ours: np.asarray(ours[index], np.float32))
       del stored, ours
   for path in layout:
-    if path not in arrays:  # No scale_param: every temperature starts at 1.
+    if path not in arrays:  # No scale_param: every temperature is 1.
       arrays[path] = jax.device_put(jnp.ones(_at(shapes, path).shape, jnp.float32), _at(shardings, path))
   state = jax.tree.map(lambda x: x, abstract, is_leaf=lambda v: isinstance(v, nnx.Variable))
   nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(
       lambda key_path, _: arrays[tuple(k.key for k in key_path)], shapes))
+  return state, dtypes
 
-  # ------------------------------------------------------------ The workdir.
+
+def from_hf(hf_dir, workdir, nope=False, tokenizer=None, compute_dtype='float32') -> dict:
+  """Converts a Hugging Face Llama directory into a new nopejax workdir; returns a summary dict."""
+  from nopejax import checkpoint
+
+  config_path = os.path.join(hf_dir, 'config.json')
+  if not os.path.isfile(config_path):
+    raise ConfigError(f'--hf_dir {hf_dir} has no config.json; point it at a Hugging Face model directory.')
+  hf_config = _read_json(config_path)
+  nope = nope or bool(hf_config.get('nope'))
+  cfg = config_from_hf(hf_config, nope, hf_dir)
+  if compute_dtype not in config.DTYPES:
+    raise ConfigError(f'--compute_dtype {compute_dtype} is not one of {config.DTYPES}; pick one of those.')
+  cfg.model.dtype = compute_dtype
+  if tokenizer is None:
+    found = os.path.join(hf_dir, 'tokenizer.model')
+    tokenizer = found if os.path.isfile(found) else ''
+  if tokenizer not in ('', 'byte') and not os.path.isfile(tokenizer):
+    raise ConfigError(f"--tokenizer {tokenizer} is not a file; pass a SentencePiece .model file or 'byte'.")
+  if os.path.exists(workdir) and os.listdir(workdir):
+    raise ConfigError(f'--workdir {workdir} exists and is not empty; convert into a new directory.')
+  state, dtypes = read_hf_state(cfg, hf_dir, conversion_mesh(cfg))  # Raises before anything is written.
+
   os.makedirs(workdir, exist_ok=True)
   if tokenizer not in ('', 'byte'):
     shutil.copyfile(tokenizer, os.path.join(workdir, 'tokenizer.model'))
     tokenizer = os.path.abspath(os.path.join(workdir, 'tokenizer.model'))
   cfg.data.tokenizer = tokenizer
   checkpoint.save_weights(workdir, cfg, state)
-  source = {'hf_dir': os.path.abspath(hf_dir), 'nope': nope, 'config': hf_config, 'dtypes': dtypes}
   with open(os.path.join(workdir, SOURCE_FILE), 'w') as f:
-    json.dump(source, f, indent=1, sort_keys=True)
+    json.dump({'hf_dir': os.path.abspath(hf_dir), 'nope': nope, 'config': hf_config, 'dtypes': dtypes},
+              f, indent=1, sort_keys=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json(cfg))
   return {'workdir': workdir, 'position': cfg.model.position, 'tensors': len(dtypes),
-          'head_scale': any(is_temperature(expected[n][0]) for n in dtypes), 'tokenizer': tokenizer}
-
+          'head_scale': any(name.endswith('scale_param') for name in dtypes), 'tokenizer': tokenizer}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,38 +438,44 @@ def to_hf_dir(workdir, hf_dir, dtype='auto', fold_temperatures=False, max_shard_
       any(np.any(t != 1.0) for t in temperatures.values()) or
       any(layout[path][0] in source_dtypes for path in temperatures))
 
-  def stored_dtype(name):
-    if dtype != 'auto':
-      return np.dtype(DTYPES[dtype])
-    return np.dtype(_SAFETENSORS_DTYPES[source_dtypes[name]]) if name in source_dtypes else np.dtype(np.float32)
-
-  def hf_array(path):
-    name, kind = layout[path]
+  def hf_float32(path):
     array = np.asarray(jax.device_get(_at(pure, path)), np.float32)
     if fold_temperatures and path[-1] == 'q_DxHxDh':
       array = array * temperatures[path[:-1] + ('temperature',)][None, :, None]
-    return np.ascontiguousarray(to_hf(kind, array)).astype(stored_dtype(name))
+    return np.ascontiguousarray(to_hf(layout[path][1], array))
+
+  def stored_dtype(path):
+    """--dtype, or auto: the source checkpoint's dtype where it holds the values exactly, else float32."""
+    if dtype != 'auto':
+      return np.dtype(DTYPES[dtype])
+    name = layout[path][0]
+    if name in source_dtypes:
+      candidate = np.dtype(_SAFETENSORS_DTYPES[source_dtypes[name]])
+      array = hf_float32(path)
+      if np.array_equal(array.astype(candidate).astype(np.float32), array):
+        return candidate
+    return np.dtype(np.float32)
 
   paths = [p for p in layout if not is_temperature(p) or with_scale_param]
-  sizes = [(p, math.prod(_at(pure, p).shape) * stored_dtype(layout[p][0]).itemsize) for p in paths]
+  dtypes = {p: stored_dtype(p) for p in paths}  # One tensor in host memory at a time, here and below.
+  sizes = [(p, math.prod(_at(pure, p).shape) * dtypes[p].itemsize) for p in paths]
   groups = _shard_groups(sizes, int(max_shard_mb * 2**20))
   os.makedirs(hf_dir, exist_ok=True)
   weight_map = {}
   for i, group in enumerate(groups):
     file_name = 'model.safetensors' if len(groups) == 1 else f'model-{i + 1:05d}-of-{len(groups):05d}.safetensors'
-    write_safetensors(os.path.join(hf_dir, file_name), {layout[p][0]: hf_array(p) for p in group})
+    write_safetensors(os.path.join(hf_dir, file_name), {layout[p][0]: hf_float32(p).astype(dtypes[p]) for p in group})
     weight_map.update({layout[p][0]: file_name for p in group})
   if len(groups) > 1:
     with open(os.path.join(hf_dir, 'model.safetensors.index.json'), 'w') as f:
       json.dump({'metadata': {'total_size': sum(n for _, n in sizes)}, 'weight_map': weight_map}, f, indent=2, sort_keys=True)
-  names = {layout[p][0] for p in paths}
-  dtype_names = {str(stored_dtype(n)) for n in names if 'scale_param' not in n}
+  matrix_dtypes = {str(dtypes[p]) for p in paths if not is_temperature(p)}
   with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
-    json.dump(hf_config_of(cfg, source, dtype_names.pop() if len(dtype_names) == 1 else 'float32'), f,
+    json.dump(hf_config_of(cfg, source, matrix_dtypes.pop() if len(matrix_dtypes) == 1 else 'float32'), f,
               indent=2, sort_keys=True)
     f.write('\n')
   _copy_tokenizer(cfg, source, hf_dir)
-  return {'hf_dir': hf_dir, 'tensors': len(names), 'files': len(groups), 'scale_param': with_scale_param,
+  return {'hf_dir': hf_dir, 'tensors': len(paths), 'files': len(groups), 'scale_param': with_scale_param,
           'folded': fold_temperatures, 'position': cfg.model.position}
 
 
