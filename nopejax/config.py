@@ -108,11 +108,13 @@ def _as_tuples(value):
 
 
 def from_file(path) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file given by path (names like configs/1b.py are no module names)."""
+  """`get_config()` of a config file given by path (names like configs/1b.py are no module names);
+  'FILE.py:ARG' calls get_config(ARG), as --config does."""
+  path, *arg = str(path).split(':', 1)
   spec = importlib.util.spec_from_file_location(f'config_{pathlib.Path(path).stem}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(*arg)
 
 
 def to_json(cfg) -> str:

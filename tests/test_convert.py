@@ -217,3 +217,20 @@ def test_bad_directories_are_refused_and_left_untouched(tmp_path, capsys):
   code = convert.main(['to-hf', '--workdir', str(tmp_path / 'nowhere'), '--hf_dir', str(occupied)])
   assert code == 2 and 'exists and is not empty; write into a new directory' in capsys.readouterr().err
   assert os.listdir(occupied) == ['notes.txt']
+
+
+def test_workdir_configs_continue_or_search_a_converted_model(converted):
+  """configs/workdir.py:DIR and configs/workdir_search.py:DIR, as `--config` takes them."""
+  from nopejax import config
+
+  def load(name):
+    return config.from_file(f'configs/{name}:{converted["headscale"]}')
+
+  continued = load('workdir.py')
+  config.validate(continued)
+  assert continued.model.tie_embeddings and continued.train.trainable == 'model' and continued.data.seq_len == 64
+  search = load('workdir_search.py')
+  config.validate(search)
+  assert search.search.base == converted['headscale'] and search.search.init == 'auto'
+  assert search.train.trainable == 'temperature' and search.train.learning_rate == 0.1 and search.data.seq_len == 256
+  assert search.model.tie_embeddings and search.model.norm_eps == 1e-6
