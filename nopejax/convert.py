@@ -103,7 +103,7 @@ def checkpoint_files(hf_dir) -> dict:
     located = {name: single for name in single.tensors}
   else:
     bins = [n for n in os.listdir(hf_dir) if n.endswith('.bin')]
-    hint = ' (it has PyTorch .bin files: save the model again with safe_serialization=True)' if bins else ''
+    hint = ' (it has PyTorch .bin files: save their state dict as safetensors first, the README shows how)' if bins else ''
     raise ConfigError(f'--hf_dir {hf_dir} has neither model.safetensors nor model.safetensors.index.json{hint}; '
                       'point it at a Hugging Face model directory.')
   for name, file in located.items():

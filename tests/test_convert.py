@@ -199,7 +199,7 @@ def test_bad_directories_are_refused_and_left_untouched(tmp_path, capsys):
   bins.mkdir()
   shutil.copy(FIXTURES / 'hf_llama' / 'config.json', bins)
   (bins / 'pytorch_model.bin').write_bytes(b'x')
-  with pytest.raises(ConfigError, match='PyTorch .bin files: save the model again with safe_serialization=True'):
+  with pytest.raises(ConfigError, match='PyTorch .bin files: save their state dict as safetensors first'):
     convert.from_hf(str(bins), str(tmp_path / 'w'))
   damaged = pathlib.Path(hf_copy(tmp_path))
   data = (damaged / 'model.safetensors').read_bytes()
