@@ -28,7 +28,12 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.model.temperature = 1.0  # Initial (or zero-shot uniform) multiplier c on q, every head.
   cfg.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'. Params stay float32.
   cfg.model.remat = False  # Recompute each block's activations in the backward pass.
-  cfg.model.attention_impl = 'xla'  # jax.nn.dot_product_attention implementation: 'xla' or 'cudnn'.
+  # Attention kernel: 'auto' (splash on TPU, cudnn on GPU where it applies, else chunked from
+  # attention_chunked_from tokens and xla below), 'xla' (the reference, [T, T] logits), 'chunked'
+  # (plain-JAX flash attention, memory linear in T), 'splash' (Pallas TPU) or 'cudnn' (GPU, bfloat16).
+  cfg.model.attention_impl = 'auto'
+  cfg.model.attention_block = 512  # Queries and keys per block in the chunked and splash kernels.
+  cfg.model.attention_chunked_from = 2048  # 'auto' off TPU/GPU kernels: chunked from this length, xla below.
 
   # Data: a tfds builder streamed with grain, packed into windows of seq_len tokens.
   cfg.data = ml_collections.ConfigDict()

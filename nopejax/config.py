@@ -10,7 +10,7 @@ from configs import base
 POSITIONS = ('nope', 'rope')
 DTYPES = ('float32', 'bfloat16')
 TRAINABLE = ('model', 'temperature')
-ATTENTION_IMPLS = ('xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'xla', 'chunked', 'splash', 'cudnn')
 
 
 class ConfigError(ValueError):
@@ -58,6 +58,14 @@ def validate(cfg) -> None:
     raise ConfigError(f'model.dtype={m.dtype!r} is not one of {DTYPES}; pick one of those.')
   if m.attention_impl not in ATTENTION_IMPLS:
     raise ConfigError(f'model.attention_impl={m.attention_impl!r} is not one of {ATTENTION_IMPLS}; pick one of those.')
+  if m.attention_impl == 'cudnn' and m.dtype != 'bfloat16':
+    raise ConfigError(f"model.attention_impl='cudnn' needs model.dtype='bfloat16', not {m.dtype!r}; set model.dtype=bfloat16 or model.attention_impl=auto.")
+  if m.attention_impl == 'cudnn' and cfg.data.separate_documents:
+    raise ConfigError("model.attention_impl='cudnn' cannot mask packed documents apart (data.separate_documents=True) "
+                      'under grouped-query attention in jax 0.10.2; set data.separate_documents=False or model.attention_impl=chunked.')
+  if m.attention_block <= 0 or m.attention_chunked_from < 0:
+    raise ConfigError(f'model.attention_block={m.attention_block} must be positive and model.attention_chunked_from='
+                      f'{m.attention_chunked_from} not negative; set e.g. 512 and 2048.')
   if m.num_heads <= 0 or (not m.head_dim and m.embed_dim % m.num_heads):
     raise ConfigError(
         f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; '

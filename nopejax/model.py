@@ -44,6 +44,8 @@ class Attention(nnx.Module):
     self.dtype = jnp.dtype(m.dtype)
     self.rules = cfg.mesh.rules
     self.implementation = m.attention_impl
+    self.block_size = m.attention_block
+    self.chunked_from = m.attention_chunked_from
     self.position, self.rope_theta = m.position, float(m.rope_theta)
 
   def qkv(self, x_BxTxD, positions_BxT):
@@ -62,7 +64,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
     q, k, v = self.qkv(x_BxTxD, positions_BxT)
-    return self.out(attention.attend(q, k, v, segment_ids_BxT, self.implementation))
+    return self.out(attention.attend(q, k, v, segment_ids_BxT, self.implementation, self.block_size,
+                                     self.chunked_from, self.rules))
 
   def forward_chunked(self, x_BxTxD, query_chunk, with_entropy=False):
     """One sequence per row (no segments), `query_chunk` queries at a time: memory linear in T.
