@@ -15,7 +15,7 @@ from flax import nnx
 
 import nopejax
 from conftest import small_config
-from nopejax import checkpoint, convert, loop
+from nopejax import checkpoint, config, convert, data, loop
 from nopejax.config import ConfigError
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
@@ -48,6 +48,20 @@ def test_converted_model_matches_transformers_logits(converted, name):
   full, chunked = logits_of(converted[name])
   np.testing.assert_allclose(full, LOGITS[name], atol=1e-4, rtol=0)
   np.testing.assert_allclose(chunked, LOGITS[name], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('kernel', ['chunked', 'splash'])
+def test_rope_is_applied_before_every_attention_kernel(converted, tmp_path, kernel):
+  """The training path with packed-document segment ids, through the flash and splash kernels."""
+  workdir = str(tmp_path / kernel)
+  shutil.copytree(converted['rope'], workdir)
+  saved = json.loads(pathlib.Path(workdir, 'config.json').read_text())
+  saved['model'].update(attention_impl=kernel, attention_block=16)
+  pathlib.Path(workdir, 'config.json').write_text(json.dumps(saved))
+  model, _ = nopejax.load(workdir)
+  tokens = jnp.asarray(LOGITS['tokens'])
+  logits = nnx.jit(lambda m, t: m(t, jnp.ones_like(t)))(model, tokens)
+  np.testing.assert_allclose(logits, LOGITS['rope'], atol=1e-4, rtol=0)
 
 
 def test_config_and_head_scales_are_honoured(converted):
@@ -108,7 +122,7 @@ def test_converted_workdir_trains_on_and_is_a_search_base(converted, tfds_dir, t
   starts from it with search.base."""
   workdir = str(tmp_path / 'continued')
   shutil.copytree(converted['nope'], workdir)
-  cfg = nopejax.config.load_json(os.path.join(workdir, 'config.json'))
+  cfg = config.load_json(os.path.join(workdir, 'config.json'))
   cfg.data.tfds_dir, cfg.data.seq_len = tfds_dir, 16
   cfg.train.steps, cfg.train.batch_size, cfg.train.warmup_steps = 2, 8, 0
   cfg.train.eval_every, cfg.train.peak_flops_per_device = 0, 1e9
@@ -156,9 +170,9 @@ def hf_copy(tmp_path, source='hf_llama', config_changes=None, drop=(), add=None)
   """A copy of a fixture as one safetensors file, with config.json or tensors changed."""
   out = tmp_path / 'changed'
   out.mkdir()
-  config = json.loads((FIXTURES / source / 'config.json').read_text())
-  config.update(config_changes or {})
-  (out / 'config.json').write_text(json.dumps(config))
+  hf_config = json.loads((FIXTURES / source / 'config.json').read_text())
+  hf_config.update(config_changes or {})
+  (out / 'config.json').write_text(json.dumps(hf_config))
   files = convert.checkpoint_files(str(FIXTURES / source))
   tensors = {n: f.read(n) for n, f in files.items() if n not in drop}
   tensors.update(add or {})
@@ -221,8 +235,6 @@ def test_bad_directories_are_refused_and_left_untouched(tmp_path, capsys):
 
 def test_workdir_configs_continue_or_search_a_converted_model(converted):
   """configs/workdir.py:DIR and configs/workdir_search.py:DIR, as `--config` takes them."""
-  from nopejax import config
-
   def load(name):
     return config.from_file(f'configs/{name}:{converted["headscale"]}')
 
@@ -234,3 +246,20 @@ def test_workdir_configs_continue_or_search_a_converted_model(converted):
   assert search.search.base == converted['headscale'] and search.search.init == 'auto'
   assert search.train.trainable == 'temperature' and search.train.learning_rate == 0.1 and search.data.seq_len == 256
   assert search.model.tie_embeddings and search.model.norm_eps == 1e-6
+
+
+def test_the_checkpoints_sentencepiece_model_becomes_the_runs_tokenizer(tmp_path):
+  sentencepiece = pytest.importorskip('sentencepiece')
+  hf_dir = pathlib.Path(hf_copy(tmp_path))
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text('\n'.join(f'the quick brown fox {i} jumps over the lazy dog' for i in range(100)))
+  sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(hf_dir / 'tokenizer'),
+                                           vocab_size=50, minloglevel=2)
+  workdir = tmp_path / 'run'
+  convert.from_hf(str(hf_dir), str(workdir))
+  cfg = config.load_json(str(workdir / 'config.json'))
+  assert cfg.data.tokenizer == str(workdir / 'tokenizer.model')
+  assert (workdir / 'tokenizer.model').read_bytes() == (hf_dir / 'tokenizer.model').read_bytes()
+  assert data.make_tokenizer(cfg).vocab_size == 50
+  convert.to_hf_dir(str(workdir), str(tmp_path / 'back'))
+  assert (tmp_path / 'back' / 'tokenizer.model').read_bytes() == (hf_dir / 'tokenizer.model').read_bytes()

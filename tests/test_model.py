@@ -81,21 +81,22 @@ def test_causal_and_packed_documents_do_not_see_each_other():
 def test_rope_packed_documents_restart_their_positions():
   """With RoPE, a packed document whose positions restart at 0 gives the logits it gives alone."""
   m = make(rope_config())
-  doc_a = jax.random.randint(jax.random.key(1), (1, 6), 0, 256)
-  doc_b = jax.random.randint(jax.random.key(2), (1, 10), 0, 256)
-  packed = jnp.concatenate([doc_a, doc_b], axis=1)
-  segments = jnp.array([[1] * 6 + [2] * 10])
-  restarting = jnp.array([list(range(6)) + list(range(10))])
+  docs = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
+  alone = forward(m, docs, jnp.ones((2, 8), jnp.int32), jnp.tile(jnp.arange(8), (2, 1)))
+  packed = docs.reshape(1, 16)
+  segments = jnp.array([[1] * 8 + [2] * 8])
+  restarting = jnp.tile(jnp.arange(8), (1, 2))
   logits = forward(m, packed, segments, restarting)
-  np.testing.assert_allclose(logits[:, 6:], forward(m, doc_b), atol=1e-5)
-  np.testing.assert_allclose(logits[:, :6], forward(m, doc_a), atol=1e-5)
-  # RoPE is relative: continuing the positions (6..15) only shifts b's, which changes nothing...
-  np.testing.assert_allclose(forward(m, packed, segments)[:, 6:], forward(m, doc_b), atol=1e-5)
+  np.testing.assert_allclose(logits.reshape(2, 8, -1), alone, atol=1e-5)
+  # RoPE is relative: continuing the positions (8..15) only shifts the second document's, which
+  # changes nothing...
+  continuing = jnp.arange(16)[None]
+  np.testing.assert_allclose(forward(m, packed, segments, continuing), logits, atol=1e-5)
   # ... but spreading them apart does, where NoPE ignores positions altogether.
   spread = restarting * 3
-  assert not np.allclose(forward(m, packed, segments, spread)[:, 6:], forward(m, doc_b), atol=1e-3)
+  assert not np.allclose(forward(m, packed, segments, spread), logits, atol=1e-3)
   nope = make(small_config())
-  np.testing.assert_allclose(forward(nope, packed, segments, spread), forward(nope, packed, segments), atol=1e-6)
+  np.testing.assert_allclose(forward(nope, packed, segments, spread), forward(nope, packed, segments, restarting), atol=1e-6)
 
 
 def test_tied_embeddings_project_with_the_embedding():
