@@ -27,6 +27,7 @@ import sys
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from nopejax import config
 from nopejax.config import ConfigError
@@ -373,21 +374,20 @@ def from_hf(hf_dir, workdir, nope=False, tokenizer=None, compute_dtype='float32'
     tokenizer = found if os.path.isfile(found) else ''
   if tokenizer not in ('', 'byte') and not os.path.isfile(tokenizer):
     raise ConfigError(f"--tokenizer {tokenizer} is not a file; pass a SentencePiece .model file or 'byte'.")
-  if os.path.exists(workdir) and os.listdir(workdir):
+  out = epath.Path(workdir)  # The workdir may be a gs:// URL; the Hugging Face directory is local.
+  if out.exists() and any(out.iterdir()):
     raise ConfigError(f'--workdir {workdir} exists and is not empty; convert into a new directory.')
   state, dtypes = read_hf_state(cfg, hf_dir, conversion_mesh(cfg))  # Raises before anything is written.
 
-  os.makedirs(workdir, exist_ok=True)
+  out.mkdir(parents=True, exist_ok=True)
   if tokenizer not in ('', 'byte'):
-    shutil.copyfile(tokenizer, os.path.join(workdir, 'tokenizer.model'))
-    tokenizer = os.path.abspath(os.path.join(workdir, 'tokenizer.model'))
+    epath.Path(tokenizer).copy(out / 'tokenizer.model')
+    tokenizer = os.fspath((out / 'tokenizer.model').resolve())
   cfg.data.tokenizer = tokenizer
   checkpoint.save_weights(workdir, cfg, state)
-  with open(os.path.join(workdir, SOURCE_FILE), 'w') as f:
-    json.dump({'hf_dir': os.path.abspath(hf_dir), 'nope': nope, 'config': hf_config, 'dtypes': dtypes},
-              f, indent=1, sort_keys=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(cfg))
+  (out / SOURCE_FILE).write_text(json.dumps(
+      {'hf_dir': os.path.abspath(hf_dir), 'nope': nope, 'config': hf_config, 'dtypes': dtypes}, indent=1, sort_keys=True))
+  (out / 'config.json').write_text(config.to_json(cfg))
   return {'workdir': workdir, 'position': cfg.model.position, 'tensors': len(dtypes),
           'head_scale': any(name.endswith('scale_param') for name in dtypes), 'tokenizer': tokenizer}
 
@@ -399,9 +399,8 @@ def from_hf(hf_dir, workdir, nope=False, tokenizer=None, compute_dtype='float32'
 def _source_of(workdir, cfg):
   """The hf_source.json of a converted workdir, or of the base run of a search; None otherwise."""
   for directory in (workdir, cfg.search.base):
-    path = os.path.join(directory, SOURCE_FILE) if directory else ''
-    if path and os.path.isfile(path):
-      return _read_json(path)
+    if directory and (epath.Path(directory) / SOURCE_FILE).exists():
+      return json.loads((epath.Path(directory) / SOURCE_FILE).read_text())
   return None
 
 
