@@ -64,7 +64,7 @@ def time_step(cfg, steps=20, warmup=3) -> float:
     tokens = jax.random.randint(jax.random.key(0), (cfg.train.batch_size, cfg.data.seq_len + 1), 0,
                                 cfg.model.vocab_size)
     batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-             'segment_ids': jnp.ones_like(tokens[:, 1:]), 'positions': jnp.zeros_like(tokens[:, 1:]),
+             'segment_ids': jnp.ones_like(tokens[:, 1:]), 'positions': jnp.broadcast_to(jnp.arange(cfg.data.seq_len), tokens[:, 1:].shape),
              'loss_mask': jnp.ones(tokens[:, 1:].shape, jnp.float32)}
     batch = jax.device_put(batch, batch_spec['inputs'].sharding)
     seconds = []

@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.model.mlp_dim = 384  # SwiGLU hidden width.
   cfg.model.norm_eps = 1e-5
   cfg.model.init_std = 0.02
-  cfg.model.position = 'nope'  # Only 'nope' is built so far.
+  cfg.model.position = 'nope'  # 'nope' (none) or 'rope' (rotary, Llama's rotate-half layout).
+  cfg.model.rope_theta = 10000.0  # RoPE base b: dims pair m turns by position * b^(-2m / head_dim).
+  cfg.model.tie_embeddings = False  # The output projection is the input embedding, transposed.
   cfg.model.temperature = 1.0  # Initial (or zero-shot uniform) multiplier c on q, every head.
   cfg.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'. Params stay float32.
   cfg.model.remat = False  # Recompute each block's activations in the backward pass.

@@ -7,7 +7,7 @@ import ml_collections
 
 from configs import base
 
-POSITIONS = ('nope',)
+POSITIONS = ('nope', 'rope')
 DTYPES = ('float32', 'bfloat16')
 TRAINABLE = ('model', 'temperature')
 ATTENTION_IMPLS = ('auto', 'xla', 'chunked', 'splash', 'cudnn')
@@ -74,6 +74,10 @@ def validate(cfg) -> None:
     raise ConfigError(
         f'model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}; '
         'change model.num_kv_heads to a divisor of it.')
+  if m.position == 'rope' and (head_dim(cfg) % 2 or m.rope_theta <= 1):
+    raise ConfigError(
+        f'model.position=rope needs an even head dimension and model.rope_theta > 1 (got {head_dim(cfg)} and '
+        f'{m.rope_theta}); change model.head_dim or model.rope_theta.')
   if m.temperature <= 0:
     raise ConfigError(f'model.temperature={m.temperature} must be positive; set a value like 1.0 or 1.5.')
   t = cfg.train
@@ -112,11 +116,13 @@ def _as_tuples(value):
 
 
 def from_file(path) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file given by path (names like configs/1b.py are no module names)."""
+  """`get_config()` of a config file given by path (names like configs/1b.py are no module names);
+  'FILE.py:ARG' calls get_config(ARG), as --config does."""
+  path, *arg = str(path).split(':', 1)
   spec = importlib.util.spec_from_file_location(f'config_{pathlib.Path(path).stem}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(*arg)
 
 
 def to_json(cfg) -> str:

@@ -25,7 +25,8 @@ def test_base_config_is_valid_and_locked():
 @pytest.mark.parametrize('changes, message', [
     ({'model__num_heads': 3}, 'model.num_heads=3 does not divide model.embed_dim=128'),
     ({'model__num_kv_heads': 3}, 'model.num_kv_heads=3 does not divide model.num_heads=4'),
-    ({'model__position': 'rope'}, "model.position='rope' is not one of"),
+    ({'model__position': 'alibi'}, "model.position='alibi' is not one of"),
+    ({'model__position': 'rope', 'model__head_dim': 15}, 'model.position=rope needs an even head dimension'),
     ({'model__dtype': 'float16'}, "model.dtype='float16' is not one of"),
     ({'model__temperature': 0.0}, 'model.temperature=0.0 must be positive'),
     ({'train__trainable': 'all'}, "train.trainable='all' is not one of"),
