@@ -4,19 +4,26 @@ A checkpoint step holds four items:
   model  the model's arrays as a nested dict: all of them for a pretrain run, only the
          temperatures for a search run (its weights live in the base run it points to);
   opt    the optimizer state of the trainable partition;
-  data   the training data iterator's position, so a resumed run sees the same batches;
+  data   the training data's position (JSON, one entry per global batch row), so a resumed run
+         sees the same batches, with any number of processes;
   meta   JSON: step, kind ('pretrain' or 'search'), the model's shape, and the base run.
 A weights-only checkpoint (meta `weights_only`, e.g. a converted Hugging Face model) holds only
 model and meta: training resumed from it starts a fresh optimizer and data stream at its step.
 """
+import json
 import os
+import signal
+import threading
 
-import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from nopejax import config, optim, step as step_lib
+from nopejax import config, optim, paths, step as step_lib
 from nopejax.config import ConfigError
 from nopejax.model import Temperature, Transformer, set_temperatures
 
@@ -31,12 +38,11 @@ def model_shape(cfg) -> dict:
   return shape
 
 
-def checkpoint_dir(workdir) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+def checkpoint_dir(workdir) -> epath.Path:
+  return paths.resolve(workdir) / 'checkpoints'
 
 
 def _manager(workdir, options):
-  # Importing grain registers its iterator save/restore args with orbax.
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -49,7 +55,7 @@ def _reader(workdir) -> ocp.CheckpointManager:
 
 
 def latest_step(workdir) -> int | None:
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not checkpoint_dir(workdir).is_dir():
     return None
   with _reader(workdir) as mgr:
     return mgr.latest_step()
@@ -82,16 +88,34 @@ def _is_search(cfg):
   return cfg.train.trainable == 'temperature'
 
 
+def _merged_over_processes(local: dict) -> dict:
+  """The union of every process's `local` dict (JSON), so that process 0 can save all of it."""
+  if jax.process_count() == 1:
+    return local
+  encoded = np.frombuffer(json.dumps(local).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(len(encoded)))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[:len(encoded)] = encoded
+  merged = {}
+  for row, length in zip(multihost_utils.process_allgather(padded), lengths):
+    merged.update(json.loads(bytes(row[:int(length)]).decode()))
+  return merged
+
+
 def save(manager, state, data_iterator, cfg, base=None) -> None:
-  """Saves asynchronously; orbax copies the arrays before this returns, so training can go on."""
+  """Saves asynchronously; orbax copies the arrays before this returns, so training can go on.
+
+  Every process calls it at the same step: each contributes its batch rows' data position."""
   model_state = step_lib.model_state(state)
   saved = nnx.filter_state(model_state, Temperature) if _is_search(cfg) else model_state
   step = int(state['step'])
   meta = {'step': step, 'kind': 'search' if _is_search(cfg) else 'pretrain', 'model': model_shape(cfg), 'base': base}
+  data_position = data_iterator.get_state()
+  data_position['streams'] = _merged_over_processes(data_position['streams'])
   manager.save(step, args=ocp.args.Composite(
       model=ocp.args.StandardSave(nnx.to_pure_dict(saved)),
       opt=ocp.args.StandardSave(state['opt']),
-      data=grain.checkpoint.CheckpointSave(data_iterator),
+      data=ocp.args.JsonSave(data_position),
       meta=ocp.args.JsonSave(meta)))
 
 
@@ -154,8 +178,8 @@ def restore(workdir, cfg, graphdef, abstract_state, data_iterator, step):
     state = {'step': jax.device_put(jax.numpy.int32(step), step_sharding), 'params': params, 'frozen': frozen, 'opt': opt}
     return state, meta
   items = _restore_items(
-      workdir, step, opt=ocp.args.StandardRestore(abstract_state['opt']),
-      data=grain.checkpoint.CheckpointRestore(data_iterator))
+      workdir, step, opt=ocp.args.StandardRestore(abstract_state['opt']), data=ocp.args.JsonRestore())
+  data_iterator.set_state(items['data'])
   state = {'step': jax.device_put(jax.numpy.int32(step), step_sharding),
            'params': params, 'frozen': frozen, 'opt': items['opt']}
   return state, meta
@@ -166,8 +190,8 @@ def load(workdir, temperature=None):
 
   `temperature` replaces every head's temperature by that uniform value (a zero-shot c).
   """
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
+  config_path = paths.resolve(workdir) / 'config.json'
+  if not config_path.exists():
     raise ConfigError(f'{workdir} has no config.json, so it is not a nopejax workdir; pass the --workdir of a run.')
   cfg = config.load_json(config_path)
   abstract_model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
@@ -180,3 +204,45 @@ def load(workdir, temperature=None):
     model_state = set_temperatures(model_state, temperature)
     cfg.model.temperature = temperature
   return nnx.merge(graphdef, model_state), cfg
+
+
+class StopSignals:
+  """SIGTERM (how Cloud TPU and most schedulers preempt) or SIGINT (Ctrl-C) asks the run to finish
+  its current step, save and stop; a second one stops at once.
+
+  One process: Python handlers note the signal. Several: jax's preemption service (started by
+  jax.distributed.initialize) catches SIGTERM on any process and agrees with all of them on one
+  step, so every process stops and saves at the same step; SIGINT is handed to it as SIGTERM.
+  """
+
+  def __init__(self):
+    self.received = None
+    self.previous = {}
+    self.shared = jax.process_count() > 1
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # Only there can Python handle signals.
+      for signum in (signal.SIGINT,) if self.shared else (signal.SIGTERM, signal.SIGINT):
+        self.previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self.previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame):
+    if self.received:
+      self.__exit__()
+      signal.raise_signal(signum)
+      return
+    self.received = signal.Signals(signum).name
+    logging.warning('%s received: finishing this step, then saving and stopping (send it again to stop at once).',
+                    self.received)
+    if self.shared:
+      os.kill(os.getpid(), signal.SIGTERM)  # To jax's preemption service, which tells every process.
+
+  def requested(self, step: int) -> bool:
+    """Whether to save and stop after `step`; with several processes, true at the same step on all."""
+    if self.shared:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.received is not None

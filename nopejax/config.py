@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import ml_collections
+from etils import epath
 
 from configs import base
 
@@ -130,5 +131,5 @@ def to_json(cfg) -> str:
 
 
 def load_json(path) -> ml_collections.ConfigDict:
-  with open(path) as f:
-    return from_dict(json.load(f))
+  """A config.json written by to_json, from any path or URL."""
+  return from_dict(json.loads(epath.Path(path).read_text()))

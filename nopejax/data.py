@@ -8,14 +8,10 @@ Corpora are tfds builders written as array_record and read without tensorflow th
 
 Documents go to train/validation/test by the md5 of their name, so adding files never moves
 existing documents between splits. The training stream shuffles documents, tokenizes them and
-packs them concat-then-split into windows of `data.seq_len + 1` tokens. Its iterator state goes
-into the model's orbax CheckpointManager as the item 'data' (grain registers these args with
-orbax on import, so the manager needs no item_handlers):
-
-  manager.save(step, args=ocp.args.Composite(
-      ..., data=grain.checkpoint.CheckpointSave(iterator)))
-  manager.restore(step, args=ocp.args.Composite(
-      ..., data=grain.checkpoint.CheckpointRestore(iterator)))  # Sets the state in place.
+packs them concat-then-split into windows of `data.seq_len + 1` tokens, one stream per global batch
+row. Its position (TrainBatches.get_state, JSON naming each row) goes into the model's checkpoint,
+so a resumed run, with any number of processes, sees exactly the batches an uninterrupted run would.
+Paths (data.text_dir, data.tfds_dir, data.tokenizer) may be gs:// URLs.
 """
 import dataclasses
 import functools
@@ -28,15 +24,18 @@ import pathlib
 import re
 import sys
 import sysconfig
+import tempfile
 import types
 
 from absl import flags
+from absl import logging
+from etils import epath
 import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from nopejax import config
+from nopejax import config, paths
 
 SPLITS = ('train', 'validation', 'test')
 DATASETS = ('pystdlib', 'textdir')
@@ -74,12 +73,12 @@ class ByteTokenizer:
 
 
 class SentencePieceTokenizer:
-  """A SentencePiece `.model` file; pickles as its path so grain workers can rebuild it."""
+  """A SentencePiece `.model` file (a path or URL); pickles as its path so grain workers can rebuild it."""
 
   def __init__(self, model_path: str):
     import sentencepiece  # Imported here: byte-level runs never need it.
     self.model_path = model_path
-    self._processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+    self._processor = sentencepiece.SentencePieceProcessor(model_proto=epath.Path(model_path).read_bytes())
     self.vocab_size = self._processor.vocab_size()
     bos_id = self._processor.bos_id()
     self.bos_id = bos_id if bos_id >= 0 else None
@@ -102,7 +101,7 @@ def make_tokenizer(cfg):
   if cfg.data.tokenizer == 'byte':
     tokenizer = ByteTokenizer()
   else:
-    if not os.path.isfile(cfg.data.tokenizer):
+    if not epath.Path(cfg.data.tokenizer).is_file():
       raise config.ConfigError(
           f"data.tokenizer={cfg.data.tokenizer!r} is neither 'byte' nor an existing file; set it to"
           " 'byte' or to the path of a SentencePiece .model file.")
@@ -131,17 +130,18 @@ def _in_split(split: str):
   return lambda name: _split_of(name) == split
 
 
-def _documents_in_files(root: pathlib.Path, paths, text_key: str, keep):
+def _documents_in_files(root: epath.Path, files, text_key: str, keep):
   """Yields (name, text) for every non-empty document whose name passes `keep`.
 
   Streams: a .jsonl file is read line by line, and a line is only parsed when its document is
   kept, so the three split passes over a big corpus parse each line once.
   """
-  for path in paths:
+  for path in files:
     name = path.relative_to(root).as_posix()
     if path.suffix == '.jsonl':
-      with open(path, encoding='utf-8', errors='replace') as lines:
+      with path.open('rb') as lines:
         for lineno, line in enumerate(lines, 1):
+          line = line.decode('utf-8', errors='replace')
           doc_name = f'{name}:{lineno}'
           if not line.strip() or not keep(doc_name):
             continue
@@ -153,7 +153,7 @@ def _documents_in_files(root: pathlib.Path, paths, text_key: str, keep):
           if record[text_key]:
             yield doc_name, str(record[text_key])
     elif keep(name):
-      text = path.read_text(encoding='utf-8', errors='replace')
+      text = path.read_bytes().decode('utf-8', errors='replace')
       if text:
         yield name, text
 
@@ -162,10 +162,11 @@ def _features():
   return tfds.features.FeaturesDict({'text': tfds.features.Text(), 'name': tfds.features.Text()})
 
 
-def _stdlib_files(root: pathlib.Path) -> list[pathlib.Path]:
+def _stdlib_files(root: epath.Path) -> list[epath.Path]:
   """Every .py file under the standard library, sorted, without third-party site-packages."""
-  return sorted(path for path in root.rglob('*.py')
-                if 'site-packages' not in path.relative_to(root).parts and path.is_file())
+  local_root = pathlib.Path(root)  # Always local: the running interpreter's own files.
+  return sorted(epath.Path(path) for path in local_root.rglob('*.py')
+                if 'site-packages' not in path.relative_to(local_root).parts and path.is_file())
 
 
 def _example_key(chars_before: int) -> int:
@@ -238,7 +239,7 @@ class Pystdlib(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    root = pathlib.Path(sysconfig.get_paths()['stdlib'])
+    root = epath.Path(sysconfig.get_paths()['stdlib'])
     files = _stdlib_files(root)
     return _nonempty_splits({
         split: self._generate_examples(_documents_in_files(root, files, '', _in_split(split)))
@@ -266,7 +267,7 @@ class Textdir(tfds.core.GeneratorBasedBuilder):
         builder=self, description=self.__doc__, features=_features(), disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
-    root = pathlib.Path(dl_manager.manual_dir)
+    root = epath.Path(dl_manager.manual_dir)
     text_key = self.builder_config.text_key
     if _has_split_dirs(root):
       # The user's own split: every file under train/ is a training document, and so on.
@@ -287,37 +288,44 @@ class Textdir(tfds.core.GeneratorBasedBuilder):
     return _keyed_examples(documents)
 
 
-def _has_split_dirs(root: pathlib.Path) -> bool:
+def _has_split_dirs(root: epath.Path) -> bool:
   return any((root / split).is_dir() for split in SPLITS)
 
 
-def _text_files(directory: pathlib.Path) -> list[pathlib.Path]:
+def _text_files(directory: epath.Path) -> list[epath.Path]:
+  """Every .txt/.jsonl file under `directory`, sorted (iterdir, as epath cannot glob ** on URLs)."""
   if not directory.is_dir():
     return []
-  return sorted(path for path in directory.rglob('*')
-                if path.suffix in _TEXT_SUFFIXES and path.is_file())
+  files = []
+  for entry in directory.iterdir():
+    if entry.is_dir():
+      files += _text_files(entry)
+    elif entry.suffix in _TEXT_SUFFIXES:
+      files.append(entry)
+  return sorted(files)
 
 
 def _textdir_config(text_dir: str, text_key: str) -> TextdirConfig:
   """One prepared copy per (directory, text_key): readable basename plus a hash of both."""
-  path = os.path.abspath(text_dir)
-  basename = re.sub(r'[^a-z0-9]+', '_', os.path.basename(path).lower()).strip('_') or 'root'
+  path = paths.resolve(text_dir)
+  basename = re.sub(r'[^a-z0-9]+', '_', path.name.lower()).strip('_') or 'root'
   digest = hashlib.md5(f'{path}\0{text_key}'.encode('utf-8')).hexdigest()[:8]
   return TextdirConfig(name=f'{basename}_{digest}', text_key=text_key)
 
 
-def _builder(cfg):
-  """The tfds builder for `data.dataset` and the download config that prepares it."""
-  data_dir = cfg.data.tfds_dir or None
+def _builder(cfg, data_dir=None):
+  """The tfds builder for `data.dataset` (in `data_dir`, default data.tfds_dir) and the download
+  config that prepares it."""
+  data_dir = data_dir or cfg.data.tfds_dir or None
   if cfg.data.dataset == 'pystdlib':
     return Pystdlib(data_dir=data_dir, file_format='array_record'), None
   if cfg.data.dataset == 'textdir':
     text_dir = cfg.data.text_dir
-    if not text_dir or not os.path.isdir(text_dir):
+    if not text_dir or not epath.Path(text_dir).is_dir():
       raise config.ConfigError(
           f'data.text_dir={text_dir!r} is not a directory; set data.text_dir to the directory of'
           ' your .txt/.jsonl files.')
-    root = pathlib.Path(text_dir)
+    root = paths.resolve(text_dir)
     if not _text_files(root):
       raise config.ConfigError(
           f'data.text_dir={text_dir!r} holds no .txt or .jsonl files; add documents there or point'
@@ -325,7 +333,7 @@ def _builder(cfg):
     builder = Textdir(data_dir=data_dir, config=_textdir_config(text_dir, cfg.data.text_key),
                       file_format='array_record')
     # A prepared copy is reused as is: after changing the files, delete builder.data_dir.
-    return builder, tfds.download.DownloadConfig(manual_dir=os.path.abspath(text_dir))
+    return builder, tfds.download.DownloadConfig(manual_dir=str(root))
   raise config.ConfigError(
       f'data.dataset={cfg.data.dataset!r} is not one of {DATASETS}; pick one of those.')
 
@@ -333,6 +341,13 @@ def _builder(cfg):
 def _prepared_builder(cfg):
   builder, download_config = _builder(cfg)
   _let_tfds_spill_without_tensorflow()
+  if paths.is_url(builder.data_dir) and not builder.is_prepared():
+    # array_record writes only local files: prepare on local disk, then copy the result up.
+    with tempfile.TemporaryDirectory(prefix='nopejax-tfds-') as staging:
+      local, _ = _builder(cfg, data_dir=staging)
+      local.download_and_prepare(download_config=download_config)
+      paths.copy_tree(local.data_dir, builder.data_dir)
+    return _builder(cfg)[0]
   builder.download_and_prepare(download_config=download_config)  # Returns at once when prepared.
   return builder
 
@@ -411,24 +426,6 @@ def _window_to_example(window: dict, separate_documents: bool) -> dict:
   }
 
 
-def _local_batch_size(cfg, process_count: int) -> int:
-  if cfg.train.batch_size % process_count:
-    raise config.ConfigError(
-        f'train.batch_size={cfg.train.batch_size} is not divisible by the {process_count} processes;'
-        f' set it to a multiple of {process_count}.')
-  return cfg.train.batch_size // process_count
-
-
-def _process_shard(cfg, split: str, process_index: int, process_count: int) -> grain.MapDataset:
-  """This process's documents: every process_count-th one, so processes never share a document."""
-  shard = grain.MapDataset.source(load_split(cfg, split))[process_index::process_count]
-  if len(shard) == 0:
-    raise config.ConfigError(
-        f'data.text_dir={cfg.data.text_dir!r}: the {split!r} split has fewer documents than the'
-        f' {process_count} processes; add documents there or use fewer processes.')
-  return shard
-
-
 class _SlicesAsTuplesIterator(grain.DatasetIterator):
   """Passes a ConcatThenSplit iterator through, repairing its state after a JSON round trip.
 
@@ -466,44 +463,117 @@ def _stack_rows(rows) -> dict:
   return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
-def train_iterator(cfg, process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-  """Endless, shuffled, packed local batches of this process's shard of `data.train_split`.
-
-  Yields dicts of numpy arrays with `train.batch_size // process_count` rows (see
-  `_window_to_example`). Each row is its own stream of documents (every rows-th document of the
-  shuffled shard), so a batch holds windows of `rows` different documents; one packed stream cut
-  into rows would fill a batch with consecutive windows of one long file, and train far worse.
-  The iterator has get_state()/set_state() for checkpoints.
-  """
-  batch_rows = _local_batch_size(cfg, process_count)
+def _row_streams(cfg, documents: grain.MapDataset, rows, start: int) -> grain.IterDataset:
+  """Batches of the given global rows: row r packs documents start + r, start + r + B, ... (B the
+  global batch size), so a batch holds windows of B different documents (one packed stream cut
+  into rows would fill a batch with consecutive windows of one long file, and train far worse),
+  and which documents a row reads does not depend on how rows are spread over processes."""
   tokenizer = make_tokenizer(cfg)
-  documents = _process_shard(cfg, cfg.data.train_split, process_index, process_count)
-  # Shuffle before repeat: the repeated index reaches the shuffle, which reseeds every epoch.
-  documents = documents.shuffle(seed=cfg.data.shuffle_seed).repeat()
-  rows = [_packed_windows(documents[row::batch_rows], cfg, tokenizer, _ROW_READ_OPTIONS) for row in range(batch_rows)]
-  batches = grain.experimental.ZipIterDataset(rows).map(_stack_rows)
-  if cfg.data.worker_count > 0:
-    if not flags.FLAGS.is_parsed():
-      # grain reads its absl flags in the workers; outside an absl app use their defaults.
-      flags.FLAGS.mark_as_parsed()
-    batches = batches.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
-  return iter(batches)
+  batch_size = cfg.train.batch_size
+  streams = [_packed_windows(documents[start + row::batch_size], cfg, tokenizer, _ROW_READ_OPTIONS) for row in rows]
+  return grain.experimental.ZipIterDataset(streams).map(_stack_rows)
 
 
-def eval_iterator(cfg, split: str, num_batches: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.DatasetIterator:
-  """`num_batches` packed local batches of `split`, without shuffling, the same every call.
+class TrainBatches:
+  """Endless local batches of the training stream for the global batch rows `rows`.
 
-  Row r reads documents r, r + rows, ... in file order, like training's row streams, so a batch
-  spans `rows` documents. The documents repeat if the split runs out before num_batches.
+  Its position (get_state / set_state, JSON) names each global row, so a run saved with one
+  process layout or mesh resumes exactly with another: every process restores the rows it feeds.
+  A run resumed with another train.batch_size cannot continue each row; the stream restarts at
+  the first document some row may not have finished, skipping none and re-reading at most
+  sum over rows of (row's saved next_index - the smallest + 2) documents (grain's saved index
+  lags the document being read by up to one; the count is logged at resume). With data.worker_count > 0 grain's worker state is opaque, so a resume
+  needs the same rows on each process.
   """
-  batch_rows = _local_batch_size(cfg, process_count)
-  tokenizer = make_tokenizer(cfg)
-  documents = _process_shard(cfg, split, process_index, process_count).repeat()
-  rows = [_packed_windows(documents[row::batch_rows], cfg, tokenizer, _ROW_READ_OPTIONS) for row in range(batch_rows)]
-  batches = grain.experimental.ZipIterDataset(rows).map(_stack_rows)
-  return iter(grain.experimental.LimitIterDataset(batches, count=num_batches))
+
+  def __init__(self, cfg, rows, start: int = 0):
+    self.cfg, self.rows, self.batch_size = cfg, list(rows), cfg.train.batch_size
+    # Shuffle before repeat: the repeated index reaches the shuffle, which reseeds every epoch.
+    self.documents = grain.MapDataset.source(load_split(cfg, cfg.data.train_split)).shuffle(
+        seed=cfg.data.shuffle_seed).repeat()
+    self._start_at(start)
+
+  def _start_at(self, start: int) -> None:
+    self.start = start
+    batches = _row_streams(self.cfg, self.documents, self.rows, start)
+    if self.cfg.data.worker_count > 0:
+      if not flags.FLAGS.is_parsed():
+        # grain reads its absl flags in the workers; outside an absl app use their defaults.
+        flags.FLAGS.mark_as_parsed()
+      batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.data.worker_count))
+    self.iterator = iter(batches)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self.iterator)
+
+  def _workers_key(self) -> str:
+    return 'workers:' + ','.join(map(str, self.rows))
+
+  def get_state(self) -> dict:
+    """{'batch_size', 'start', 'streams': {row: state}}; merged over processes it is the whole position."""
+    state = self.iterator.get_state()
+    if self.cfg.data.worker_count > 0:
+      streams = {self._workers_key(): state}
+    else:
+      streams = {str(row): row_state for row, row_state in zip(self.rows, state['parents'])}
+    return {'batch_size': self.batch_size, 'start': self.start, 'streams': streams}
+
+  def set_state(self, state: dict) -> None:
+    if state['batch_size'] != self.batch_size:
+      return self._restart_for_new_batch_size(state)
+    if state['start'] != self.start:
+      self._start_at(state['start'])
+    streams = state['streams']
+    if self.cfg.data.worker_count > 0:
+      if self._workers_key() not in streams:
+        raise config.ConfigError(
+            'The saved data position was written with data.worker_count > 0 by another process layout; '
+            'resume with the same processes and mesh as before, or set data.worker_count=0 for a new run.')
+      self.iterator.set_state(streams[self._workers_key()])
+    else:
+      missing = [row for row in self.rows if str(row) not in streams]
+      if missing:
+        raise config.ConfigError(
+            f'The saved data position has no state for batch row {missing[0]} (it was saved with '
+            'data.worker_count > 0); resume with the same processes and mesh as before.')
+      self.iterator.set_state({'parents': [streams[str(row)] for row in self.rows]})
+
+  def _restart_for_new_batch_size(self, state: dict) -> None:
+    old = state['batch_size']
+    try:
+      current = [state['streams'][str(row)]['parent_state']['next_index'] for row in range(old)]
+    except KeyError:
+      raise config.ConfigError(
+          f'The checkpoint was trained with train.batch_size={old} and data.worker_count > 0, so its data '
+          f'position cannot move to batch size {self.batch_size}; set --config.train.batch_size={old}.') from None
+    first = min(current)
+    # Row r's i-th document is document start + r + i * old; every row has finished those before `first`.
+    self._start_at(state['start'] + first * old)
+    repeated = sum(c - first + 2 for c in current)
+    logging.warning('train.batch_size changed from %d to %d: the data stream restarts at document %d, '
+                    're-reading at most %d documents already (partly) seen and skipping none.',
+                    old, self.batch_size, self.start, repeated)
+
+
+def train_iterator(cfg, rows=None) -> TrainBatches:
+  """Endless, shuffled, packed batches of `data.train_split` for the global batch `rows` this
+  process feeds (default all: sharding.process_rows gives them), numpy dicts (see
+  `_window_to_example`) with one row per entry of `rows`. Each process reads only the documents
+  of its rows: 1/processes of the corpus per epoch, never the same document as another process
+  within an epoch. Has get_state()/set_state() for checkpoints."""
+  return TrainBatches(cfg, range(cfg.train.batch_size) if rows is None else rows)
+
+
+def eval_iterator(cfg, split: str, num_batches: int, rows=None):
+  """`num_batches` packed batches of `split` for the global batch `rows` (default all), without
+  shuffling, the same every call. Row r reads documents r, r + B, ... in file order, like
+  training's row streams. The documents repeat if the split runs out before num_batches."""
+  rows = range(cfg.train.batch_size) if rows is None else rows
+  documents = grain.MapDataset.source(load_split(cfg, split)).repeat()
+  return iter(grain.experimental.LimitIterDataset(_row_streams(cfg, documents, rows, 0), count=num_batches))
 
 
 def documents(cfg, split: str) -> grain.MapDataset:
@@ -513,7 +583,8 @@ def documents(cfg, split: str) -> grain.MapDataset:
   return grain.MapDataset.source(source).map(functools.partial(_tokenize, tokenizer=tokenizer))
 
 
-def global_batch(local_batch: dict, sharding: jax.sharding.Sharding) -> dict:
-  """Local numpy batch -> global jax arrays, each process contributing its rows."""
-  return {key: jax.make_array_from_process_local_data(sharding, value)
+def global_batch(local_batch: dict, sharding: jax.sharding.Sharding, batch_size: int) -> dict:
+  """Local numpy batch (this process's rows, sharding.process_rows) -> global jax arrays of
+  `batch_size` rows."""
+  return {key: jax.make_array_from_process_local_data(sharding, value, (batch_size,) + value.shape[1:])
           for key, value in local_batch.items()}

@@ -16,7 +16,6 @@ import functools
 import json
 import logging as logging_std
 import math
-import os
 import sys
 
 import jax
@@ -24,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax import nnx
 
 import nopejax
-from nopejax import checkpoint, config, data
+from nopejax import checkpoint, config, data, paths
 from nopejax.config import ConfigError
 
 # The paper's passkey prompt (method.md, section 5), byte for byte.
@@ -329,8 +329,8 @@ def _run_info(workdir, cfg) -> dict:
   info = {'kind': meta['kind'], 'step': step, 'pretrain_length': cfg.data.seq_len, 'search_length': None}
   if meta['kind'] == 'search':
     base_dir = (meta.get('base') or {}).get('workdir') or cfg.search.base
-    base_config = os.path.join(base_dir, 'config.json')
-    if not os.path.exists(base_config):
+    base_config = paths.resolve(base_dir) / 'config.json'
+    if not base_config.exists():
       raise ConfigError(f'The search run {workdir} points to base run {base_dir}, which has no config.json; '
                         'restore that directory so the pretraining length is known.')
     info['pretrain_length'] = config.load_json(base_config).data.seq_len
@@ -384,9 +384,9 @@ def _set_key(cfg, dotted, value):
   node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
 
 
-def default_out_dir(workdir, temperature=None) -> str:
+def default_out_dir(workdir, temperature=None) -> epath.Path:
   """WORKDIR/eval, or WORKDIR/eval_c1.5 for a uniform temperature override of 1.5."""
-  return os.path.join(workdir, 'eval' if temperature is None else f'eval_c{temperature:g}')
+  return paths.resolve(workdir) / ('eval' if temperature is None else f'eval_c{temperature:g}')
 
 
 def _band_means(values, pretrain_length) -> dict:
@@ -421,13 +421,13 @@ def evaluate(workdir, overrides=None, out=None) -> dict:
   e = cfg.eval
   tokenizer = data.make_tokenizer(cfg)
   documents = _CachedDocuments(data.documents(cfg, e.split))
-  out = out or default_out_dir(workdir, temperature)
-  label = os.path.basename(os.path.abspath(workdir)) + ('' if temperature is None else f' c={temperature:g}')
+  out = paths.resolve(out) if out else default_out_dir(workdir, temperature)
+  label = paths.resolve(workdir).name + ('' if temperature is None else f' c={temperature:g}')
   logging.info('Evaluating %s (%s, step %d) at lengths %s, stride %d -> %s', workdir, info['kind'], info['step'],
                lengths, stride, out)
 
   results = {
-      'label': label, 'workdir': os.path.abspath(workdir), **info, 'temperature_override': temperature,
+      'label': label, 'workdir': str(paths.resolve(workdir)), **info, 'temperature_override': temperature,
       'temperatures': np.asarray(jax.device_get(
           [block.attention.temperature[...] for block in model.blocks]), np.float64).tolist(),
       'dataset': cfg.data.dataset, 'split': e.split, 'lengths': lengths, 'stride': stride,
@@ -472,12 +472,12 @@ def evaluate(workdir, overrides=None, out=None) -> dict:
   results['config'] = cfg.to_dict()
 
   if jax.process_index() == 0:
-    os.makedirs(out, exist_ok=True)
-    np.savez_compressed(os.path.join(out, 'entropy.npz'), entropy_LxHxN=entropy_LxHxN.astype(np.float32),
-                        loss_by_position=np.asarray(stats['loss_by_position'], np.float32))
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / 'entropy.npz').open('wb') as f:
+      np.savez_compressed(f, entropy_LxHxN=entropy_LxHxN.astype(np.float32),
+                          loss_by_position=np.asarray(stats['loss_by_position'], np.float32))
     results['plots'] = write_plots(results, entropy_LxHxN, out)
-    with open(os.path.join(out, 'results.json'), 'w') as f:
-      json.dump(results, f, indent=1)
+    (out / 'results.json').write_text(json.dumps(results, indent=1))
     write_report(results, out)
   return results
 
@@ -527,13 +527,18 @@ def _mark_lengths(ax, results, vertical=True):
                                                label=key.replace('_', ' '))
 
 
+def _save_png(fig, path) -> None:
+  with epath.Path(path).open('wb') as f:
+    fig.savefig(f, format='png', dpi=110)
+
+
 def write_plots(results, entropy_LxHxN, out) -> list[str]:
-  """The PNG files of one evaluation, written into `out`; returns their names."""
+  """The PNG files of one evaluation, written into `out` (a path or URL); returns their names."""
   plt = _pyplot()
   written = []
 
   def save(fig, name):
-    fig.savefig(os.path.join(out, name), dpi=110)
+    _save_png(fig, epath.Path(out) / name)
     plt.close(fig)
     written.append(name)
 
@@ -657,8 +662,7 @@ def write_report(results, out) -> None:
   lines += ['## Plots', '']
   for name in results.get('plots', []):
     lines += [f'![{name}]({name})', '', captions.get(name, ''), '']
-  with open(os.path.join(out, 'report.md'), 'w') as f:
-    f.write('\n'.join(lines))
+  (epath.Path(out) / 'report.md').write_text('\n'.join(lines))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,23 +671,23 @@ def write_report(results, out) -> None:
 
 def read_results(path) -> dict:
   """results.json from its path, an eval directory, or a workdir (its eval/)."""
-  for candidate in (path, os.path.join(path, 'results.json'), os.path.join(path, 'eval', 'results.json')):
-    if os.path.isfile(candidate):
-      with open(candidate) as f:
-        return json.load(f)
+  path = paths.resolve(path)
+  for candidate in (path, path / 'results.json', path / 'eval' / 'results.json'):
+    if candidate.is_file():
+      return json.loads(candidate.read_text())
   raise ConfigError(f'{path} holds no results.json (nor eval/results.json); run '
                     f'`python -m nopejax.evaluate --workdir {path}` first.')
 
 
-def compare(paths, out) -> dict:
+def compare(run_dirs, out) -> dict:
   """Overlays perplexity by length and loss by position of evaluated runs: compare.png, compare.md.
 
   Returns {'runs': labels, 'perplexity': {label: {length: ppl}}, 'passkey': ...}, also written
   as compare.json.
   """
-  if not paths:
+  if not run_dirs:
     raise ConfigError('--compare needs at least one evaluated run; pass their directories after it.')
-  runs = [read_results(p) for p in paths]
+  runs = [read_results(p) for p in run_dirs]
   labels = []
   for run in runs:
     label = run['label']
@@ -707,8 +711,9 @@ def compare(paths, out) -> dict:
   ax_loss.set(xlabel='token position', ylabel='next-token loss (nats)', title='Loss by position (moving average 2%)')
   ax_ppl.legend(fontsize=8)
   ax_loss.legend(fontsize=8)
-  os.makedirs(out, exist_ok=True)
-  fig.savefig(os.path.join(out, 'compare.png'), dpi=110)
+  out = paths.resolve(out)
+  out.mkdir(parents=True, exist_ok=True)
+  _save_png(fig, out / 'compare.png')
   plt.close(fig)
 
   header = ['| run | ' + ' | '.join(str(n) for n in lengths) + ' |', '|---|' + '---|' * len(lengths)]
@@ -726,14 +731,12 @@ def compare(paths, out) -> dict:
     for label, run in zip(labels, runs):
       lines.append(f'| {label} | ' + ' | '.join(_number(run.get('loss_by_band', {}).get(b)) for b in bands) + ' |')
   lines += ['', '![compare.png](compare.png)', '']
-  with open(os.path.join(out, 'compare.md'), 'w') as f:
-    f.write('\n'.join(lines))
-  summary = {'runs': labels, 'sources': [os.path.abspath(p) for p in paths],
+  (out / 'compare.md').write_text('\n'.join(lines))
+  summary = {'runs': labels, 'sources': [str(paths.resolve(p)) for p in run_dirs],
              'perplexity': {label: run['perplexity'] for label, run in zip(labels, runs)},
              'passkey': {label: run['passkey'] for label, run in zip(labels, runs)},
              'loss_by_band': {label: run.get('loss_by_band', {}) for label, run in zip(labels, runs)}}
-  with open(os.path.join(out, 'compare.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  (out / 'compare.json').write_text(json.dumps(summary, indent=1))
   return summary
 
 

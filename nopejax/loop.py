@@ -1,17 +1,12 @@
 """run(cfg, workdir): the training loop, for pretraining and for the temperature search alike."""
 import math
-import os
 import time
 
 import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from nopejax import attention, checkpoint, config, data, metrics, model, optim, search, sharding, step as step_lib
-
-
-def _process_shard():
-  return jax.process_index(), jax.process_count()
+from nopejax import attention, checkpoint, config, data, metrics, model, optim, paths, search, sharding, step as step_lib
 
 
 def _prepare_data(cfg) -> None:
@@ -25,9 +20,7 @@ def _prepare_data(cfg) -> None:
 
 def _write_config(cfg, workdir) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(cfg))
+    paths.write_text(paths.resolve(workdir) / 'config.json', config.to_json(cfg))
 
 
 def run(cfg, workdir) -> dict:
@@ -47,7 +40,8 @@ def run(cfg, workdir) -> dict:
   logging.info('Mesh %s over %d devices (%s).', dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
   logging.info('Attention kernel %s: %s.', *attention.kernel_for_run(cfg, mesh.devices.flat[0].platform))
 
-  with jax.set_mesh(mesh):
+  # SIGTERM / SIGINT from here on: finish the step, save, stop (and exit 0 from the command line).
+  with jax.set_mesh(mesh), checkpoint.StopSignals() as stop_signals:
     # -------------------------------------------------------------- Compiled steps, state.
     graphdef, abstract, shardings = step_lib.abstract_state(cfg, mesh, tx)
     batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
@@ -57,10 +51,10 @@ def run(cfg, workdir) -> dict:
     eval_step = jax.jit(step_lib.make_eval_step(cfg, graphdef))
 
     def validation_loss(params, frozen):
-      return step_lib.mean_eval_loss(cfg, eval_step, params, frozen, batch_sharding, *_process_shard())
+      return step_lib.mean_eval_loss(cfg, eval_step, params, frozen, batch_sharding)
 
     _prepare_data(cfg)
-    train_batches = data.train_iterator(cfg, *_process_shard())
+    train_batches = data.train_iterator(cfg, sharding.process_rows(batch_sharding, cfg.train.batch_size))
     resume_step = checkpoint.latest_step(workdir)
     if resume_step is not None:
       state, meta = checkpoint.restore(workdir, cfg, graphdef, abstract, train_batches, resume_step)
@@ -91,7 +85,7 @@ def run(cfg, workdir) -> dict:
 
     first_step = int(state['step']) + 1
     for step in range(first_step, last_step + 1):
-      state, step_metrics = train_step(state, data.global_batch(next(train_batches), batch_sharding))
+      state, step_metrics = train_step(state, data.global_batch(next(train_batches), batch_sharding, cfg.train.batch_size))
       if pending:
         finish(*pending)  # Step N runs while step N-1's metrics are read.
       pending = (step, step_metrics)
@@ -99,12 +93,14 @@ def run(cfg, workdir) -> dict:
         eval_start = time.perf_counter()
         step_metrics['eval_loss'] = validation_loss(state['params'], state['frozen'])
         throughput.exclude(time.perf_counter() - eval_start)
-      preempted = manager.reached_preemption(step)
-      if step % cfg.train.checkpoint_every == 0 or step == last_step or preempted:
+      stopping = stop_signals.requested(step)
+      if step % cfg.train.checkpoint_every == 0 or step == last_step or stopping:
         checkpoint.save(manager, state, train_batches, cfg, base)
         saved_step = step
-      if preempted:
-        logging.warning('Preemption signal at step %d: checkpoint saved, stopping.', step)
+      if stopping:
+        logging.warning('Stopped at step %d by %s: checkpoint saved in %s; run the same command to resume.',
+                        step, stop_signals.received or 'a stop signal', checkpoint.checkpoint_dir(workdir) / str(step))
+        logged['stopped_at'] = step
         break
     if pending:
       finish(*pending)

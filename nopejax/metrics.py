@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
+from nopejax import paths
 from nopejax.model import flops_per_token
 
 # Dense peak FLOP/s per device (bf16) by jax device_kind prefix, from the vendors' data sheets.
@@ -54,21 +56,71 @@ def format_duration(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
+class AppendFile:
+  """A file that grows: appended to in place on local disk; on an object store (gs://), where
+  objects cannot be appended to, kept in memory and rewritten whole at each flush."""
+
+  def __init__(self, path):
+    self.path = epath.Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if paths.is_url(self.path):
+      self.contents = bytearray(self.path.read_bytes() if self.path.exists() else b'')
+      self.local = None
+    else:
+      self.local = self.path.open('ab')
+
+  def write(self, data: bytes) -> None:
+    if self.local:
+      self.local.write(data)
+    else:
+      self.contents += data
+
+  def flush(self) -> None:
+    if self.local:
+      self.local.flush()
+    else:
+      self.path.write_bytes(bytes(self.contents))
+
+  def close(self) -> None:
+    self.flush()
+    if self.local:
+      self.local.close()
+
+
+class _AppendFileFactory:
+  """tensorboardX's hook for event files under a URL (its own gs:// writer needs google-cloud-storage)."""
+
+  def open(self, path):
+    return AppendFile(path)
+
+  def directory_check(self, path):
+    pass  # AppendFile creates the directory; object stores have none.
+
+
+def _url_event_files() -> None:
+  from tensorboardX import record_writer
+  for scheme in ('gs', 's3', 'az', 'hf'):
+    record_writer.register_writer_factory(scheme, _AppendFileFactory())
+
+
 class Writer:
-  """Writes each logged step to metrics.jsonl and TensorBoard; only process 0 writes."""
+  """Writes each logged step to metrics.jsonl and TensorBoard in `workdir` (a path or URL); only
+  process 0 writes."""
 
   def __init__(self, workdir):
     self.active = jax.process_index() == 0
     if self.active:
       from tensorboardX import SummaryWriter  # Writes TensorBoard event files without tensorflow.
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-      self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      _url_event_files()
+      workdir = paths.resolve(workdir)
+      self.jsonl = AppendFile(workdir / 'metrics.jsonl')
+      self.tensorboard = SummaryWriter(os.fspath(workdir / 'tensorboard'))
 
   def write(self, step: int, values: dict) -> None:
     if not self.active:
       return
     values = {k: float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v for k, v in values.items()}
-    self.jsonl.write(json.dumps({'step': step, **values}) + '\n')
+    self.jsonl.write((json.dumps({'step': step, **values}) + '\n').encode())
     self.jsonl.flush()
     for key, value in values.items():
       if isinstance(value, (int, float)):

@@ -4,7 +4,6 @@ The search itself is the ordinary training loop with `train.trainable='temperatu
 trainable partition is the layers x heads temperatures and everything else is frozen.
 """
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from nopejax import checkpoint, config, model, step as step_lib
+from nopejax import checkpoint, config, model, paths, step as step_lib
 from nopejax.config import ConfigError
 from nopejax.model import Temperature
 
@@ -39,7 +38,7 @@ def start_state(cfg, workdir, graphdef, abstract, shardings, tx, validation_loss
 
   Returns (state, base) where base = {'workdir', 'step'} names the checkpoint the weights came from.
   """
-  base_dir = os.path.abspath(cfg.search.base)
+  base_dir = paths.resolve(cfg.search.base)
   base_step = checkpoint.latest_step(base_dir)
   if base_step is None:
     raise ConfigError(f'search.base={cfg.search.base} holds no checkpoint; point it at a pretraining --workdir.')
@@ -49,22 +48,21 @@ def start_state(cfg, workdir, graphdef, abstract, shardings, tx, validation_loss
   if init == 'auto':
     init, losses = uniform_sweep(cfg, params, frozen, validation_loss)
     if jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, 'search_init.json'), 'w') as f:
-        json.dump({'chosen': init, 'validation_loss': {str(c): l for c, l in losses.items()}}, f, indent=2)
+      paths.write_text(paths.resolve(workdir) / 'search_init.json', json.dumps(
+          {'chosen': init, 'validation_loss': {str(c): l for c, l in losses.items()}}, indent=2))
   logging.info('Temperature search from %s step %d, every temperature starting at %.2f.', base_dir, base_step, init)
   params = jax.device_put(model.set_temperatures(params, init), shardings['params'])
   state = {'step': jax.device_put(jnp.int32(0), shardings['step']), 'params': params,
            'frozen': frozen, 'opt': jax.jit(tx.init, out_shardings=shardings['opt'])(params)}
-  return state, {'workdir': base_dir, 'step': base_step}
+  return state, {'workdir': str(base_dir), 'step': base_step}
 
 
 def write_temperatures(workdir, temperatures) -> None:
   """WORKDIR/temperatures.json and a layers x heads heatmap, temperatures.png."""
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, 'temperatures.json'), 'w') as f:
-    json.dump({'temperatures': temperatures}, f, indent=1)
+  workdir = paths.resolve(workdir)
+  paths.write_text(workdir / 'temperatures.json', json.dumps({'temperatures': temperatures}, indent=1))
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -75,5 +73,6 @@ def write_temperatures(workdir, temperatures) -> None:
   ax.set_ylabel('layer')
   ax.set_title('searched temperature c_h')
   fig.colorbar(image, ax=ax)
-  fig.savefig(os.path.join(workdir, 'temperatures.png'), dpi=120)
+  with (workdir / 'temperatures.png').open('wb') as f:
+    fig.savefig(f, format='png', dpi=120)
   plt.close(fig)

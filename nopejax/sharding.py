@@ -1,4 +1,5 @@
-"""The device mesh and where every array lives on it: logical axis names mapped to mesh axes by config rules."""
+"""The processes and devices of a run, the mesh over them, and where every array lives on it:
+logical axis names mapped to mesh axes by config rules."""
 import math
 
 import jax
@@ -9,6 +10,38 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from nopejax.config import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def detected_cluster():
+  """jax's own cluster detection (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes), as
+  jax.distributed.initialize() does it; None on a lone machine. The classes are private to jax,
+  but they are what initialize() itself consults, environment variables and all."""
+  from jax._src import clusters
+  return next((env for env in clusters.ClusterEnv._cluster_types
+               if not env.opt_in_only_method and env.is_env_present()), None)
+
+
+def join_processes(coordinator_address=None, num_processes=None, process_id=None) -> int:
+  """Connects this process to the others of its job (jax.distributed.initialize); returns the
+  process count.
+
+  Explicit arguments (all three) win. Otherwise jax's cluster detection decides, and a job of one
+  process, like any lone machine (laptop, Colab, one TPU VM), never starts or contacts a
+  coordinator. Must run before anything touches a jax device.
+  """
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(value is not None for value in explicit):
+    if any(value is None for value in explicit) or not 0 <= process_id < num_processes:
+      raise ConfigError(
+          f'--coordinator_address={coordinator_address} --num_processes={num_processes} --process_id={process_id} '
+          'do not describe a process of a job; pass all three, with 0 <= process_id < num_processes.')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return num_processes
+  cluster = detected_cluster()
+  if cluster is None or cluster.get_process_count() < 2:
+    return 1
+  jax.distributed.initialize()
+  return jax.process_count()
 
 
 def mesh_shape(cfg, num_devices: int) -> tuple[int, ...]:
@@ -76,6 +109,15 @@ def state_shardings(state, mesh, rules):
 def batch_sharding(mesh, rules) -> NamedSharding:
   """Batches are [batch, time]: rows split over the batch axes, time kept whole."""
   return NamedSharding(mesh, logical_spec(('batch', 'seq'), rules))
+
+
+def process_rows(sharding, batch_size: int) -> list[int]:
+  """The global batch rows this process supplies (those its devices hold), in the order
+  jax.make_array_from_process_local_data takes them."""
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((batch_size, 1)).values():
+    rows.update(range(batch_size)[index[0]])
+  return sorted(rows)
 
 
 def constrain(x, axes, rules):

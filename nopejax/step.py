@@ -62,11 +62,12 @@ def make_eval_step(cfg, graphdef):
   return eval_step
 
 
-def mean_eval_loss(cfg, eval_step, params, frozen, batch_sharding, process_index=0, process_count=1) -> float:
+def mean_eval_loss(cfg, eval_step, params, frozen, batch_sharding) -> float:
   """Mean next-token loss over the fixed validation batches (train.eval_batches of data.eval_split)."""
   loss_sum, count = 0.0, 0.0
-  for batch in data.eval_iterator(cfg, cfg.data.eval_split, cfg.train.eval_batches, process_index, process_count):
-    batch_sum, batch_count = eval_step(params, frozen, data.global_batch(batch, batch_sharding))
+  rows = sharding.process_rows(batch_sharding, cfg.train.batch_size)
+  for batch in data.eval_iterator(cfg, cfg.data.eval_split, cfg.train.eval_batches, rows):
+    batch_sum, batch_count = eval_step(params, frozen, data.global_batch(batch, batch_sharding, cfg.train.batch_size))
     # Reading back every batch keeps few collectives queued (XLA:CPU hangs with ~30 queued).
     loss_sum, count = loss_sum + float(batch_sum), count + float(batch_count)
   return loss_sum / max(count, 1.0)

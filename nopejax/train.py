@@ -1,9 +1,12 @@
 """Entry point: `python -m nopejax.train --config configs/tiny.py --workdir runs/tiny [--config.key=value ...]`.
 
 Thin on purpose: the work happens in loop.run(cfg, workdir), which a notebook can call directly.
+On a pod slice or cluster the processes join by themselves (jax's cluster detection: Cloud TPU,
+SLURM, Open MPI, Kubernetes), or by hand on any machines:
+
+  python -m nopejax.train ... --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
 """
 import logging as logging_std
-import os
 import sys
 
 from absl import app, flags, logging
@@ -12,12 +15,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/tiny.py.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the saved config.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the model abstractly, print mesh, size and bytes per device, exit.')
-
-
-def _multi_process() -> bool:
-  """True on a pod slice or multi-node job, where jax.distributed must connect the processes."""
-  return (',' in os.environ.get('TPU_WORKER_HOSTNAMES', '') or int(os.environ.get('SLURM_NTASKS', '1')) > 1
-          or 'JAX_COORDINATOR_ADDRESS' in os.environ)
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, to join processes by hand (with --num_processes, --process_id).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes of the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes - 1.')
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -57,13 +58,11 @@ def _fail(message, code=2):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}; every setting is a --config.key=value flag.')
-  import jax  # After flag parsing, so XLA_FLAGS set on the command line's environment apply.
-  from nopejax import config, loop
-  if _multi_process():
-    jax.distributed.initialize()
+  from nopejax import config, loop, sharding  # After flag parsing, so XLA_FLAGS set in the environment apply.
   logging.get_absl_handler().addFilter(_QuietLibraries())
   cfg = _CONFIG.value
   try:
+    sharding.join_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _DRY_RUN.value:
       loop.dry_run(cfg)
       return

@@ -60,3 +60,12 @@ def small_run(tfds_dir, tmp_path_factory):
   cfg.train.eval_every = 20
   loop.run(cfg, workdir)
   return cfg, workdir
+
+
+@pytest.fixture
+def gcs():
+  """An offline gs:// for this test (tests/fake_gcs.py): orbax, tensorstore, array_record and epath
+  all reach the same in-memory bucket store."""
+  import fake_gcs
+  with fake_gcs.serve():
+    yield fake_gcs

@@ -5,10 +5,8 @@ import pathlib
 import pickle
 import sysconfig
 
-import grain
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
@@ -287,22 +285,58 @@ def test_eval_iterator_is_deterministic_limited_and_spans_documents(letters_dir,
   assert all(batch['inputs'].shape == (4, 16) for batch in everything)
 
 
-def test_processes_read_disjoint_documents(tmp_path, tfds_dir):
-  # Document i is made only of the character chr(65 + i), so tokens name their document.
-  text_dir = write_files(tmp_path / 'marked',
-                         {f'train/{i:02d}.txt': chr(65 + i) * 20 for i in range(40)})
-  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=text_dir, seq_len=16)
+@pytest.fixture
+def marked_dir(tmp_path):
+  """40 training documents; document i is made only of the character chr(65 + i), so tokens name it."""
+  return write_files(tmp_path / 'marked', {f'train/{i:02d}.txt': chr(65 + i) * 20 for i in range(40)})
+
+
+def test_processes_read_their_rows_documents_and_together_make_the_one_process_batch(marked_dir, tfds_dir):
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=marked_dir, seq_len=16)
   cfg.train.batch_size = 4
-  seen = []
-  for process_index in range(2):
-    batches = take(data.train_iterator(cfg, process_index=process_index, process_count=2), 20)
-    assert batches[0]['inputs'].shape == (2, 16)
-    seen.append({int(t) for batch in batches for t in batch['inputs'].reshape(-1)})
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(range(65, 105))
-  cfg.train.batch_size = 5
-  with pytest.raises(ValueError, match='train.batch_size'):
-    data.train_iterator(cfg, process_index=0, process_count=2)
+  whole = take(data.train_iterator(cfg), 8)  # 8 x 17 tokens per row: within the first epoch.
+  halves = [take(data.train_iterator(cfg, rows), 8) for rows in ([0, 1], [2, 3])]
+  assert halves[0][0]['inputs'].shape == (2, 16)
+  for step, batch in enumerate(whole):
+    for key in batch:
+      np.testing.assert_array_equal(np.concatenate([halves[0][step][key], halves[1][step][key]]), batch[key])
+  seen = [{int(t) for batch in half for t in batch['inputs'].reshape(-1)} for half in halves]
+  assert seen[0] and seen[1] and not seen[0] & seen[1]  # Each reads only its rows' documents.
+
+
+def test_position_saved_by_one_layout_resumes_in_another(marked_dir, tfds_dir):
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=marked_dir, seq_len=16)
+  cfg.train.batch_size = 4
+  halves = [data.train_iterator(cfg, rows) for rows in ([0, 1], [2, 3])]
+  for half in halves:
+    take(half, 5)
+  states = [half.get_state() for half in halves]
+  merged = dict(states[0], streams={**states[0]['streams'], **states[1]['streams']})  # What process 0 saves.
+  want = [np.concatenate([a['inputs'], b['inputs']]) for a, b in zip(take(halves[0], 4), take(halves[1], 4))]
+  whole = data.train_iterator(cfg)
+  whole.set_state(json.loads(json.dumps(merged)))
+  np.testing.assert_array_equal(np.stack([batch['inputs'] for batch in take(whole, 4)]), np.stack(want))
+
+
+def test_new_batch_size_restarts_the_stream_within_the_documented_bound(marked_dir, tfds_dir):
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=marked_dir, seq_len=16)
+  cfg.train.batch_size = 4
+  old = data.train_iterator(cfg)
+  consumed = {int(t) for batch in take(old, 3) for t in batch['inputs'].reshape(-1)}
+  state = json.loads(json.dumps(old.get_state()))
+  current = [state['streams'][str(r)]['parent_state']['next_index'] for r in range(4)]
+  cfg.train.batch_size = 2
+  new = data.train_iterator(cfg)
+  new.set_state(state)
+  assert new.start == 4 * min(current)
+  batches = take(new, 30)
+  # Each new row's token stream; its first (40 - start) / 2 documents of 20 tokens end the first epoch.
+  rows = [np.concatenate([np.append(b['inputs'][r], b['targets'][r, -1]) for b in batches]) for r in range(2)]
+  rest_of_epoch = set().union(*(set(row[:(40 - new.start) // 2 * 20].tolist()) for row in rows))
+  assert len(rest_of_epoch) == 40 - new.start
+  assert consumed | rest_of_epoch == set(range(65, 105))  # Nothing skipped.
+  # Re-read: at most the documented sum over rows of (next_index - smallest + 2) documents.
+  assert len(consumed & rest_of_epoch) <= sum(c - min(current) + 2 for c in current)
 
 
 # --- Checkpoints --------------------------------------------------------------------------------
@@ -316,30 +350,7 @@ def test_iterator_state_round_trips(tfds_dir, steps_before_save):
   state = iterator.get_state()
   want = take(iterator, 5)
   restored = data.train_iterator(cfg)
-  # Through JSON, as grain's checkpoint handler stores it.
-  restored.set_state(json.loads(json.dumps(state)))
-  assert_same_batches(want, take(restored, 5))
-
-
-@pytest.mark.parametrize('steps_before_save', [0, 4])
-def test_orbax_checkpoint_restores_the_stream(tfds_dir, tmp_path, steps_before_save):
-  cfg = make_cfg(tfds_dir)
-  iterator = data.train_iterator(cfg)
-  take(iterator, steps_before_save)
-  model_state = {'w': np.arange(4.0, dtype=np.float32)}
-  options = ocp.CheckpointManagerOptions(max_to_keep=2)
-  with ocp.CheckpointManager(tmp_path / 'ckpt', options=options) as manager:
-    manager.save(steps_before_save, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(model_state), data=grain.checkpoint.CheckpointSave(iterator)))
-    manager.wait_until_finished()
-  want = take(iterator, 5)
-
-  restored = data.train_iterator(cfg)
-  with ocp.CheckpointManager(tmp_path / 'ckpt', options=options) as manager:
-    result = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(model_state), data=grain.checkpoint.CheckpointRestore(restored)))
-  assert result['data'] is restored
-  np.testing.assert_array_equal(result['state']['w'], model_state['w'])
+  restored.set_state(json.loads(json.dumps(state)))  # Through JSON, as the checkpoint stores it.
   assert_same_batches(want, take(restored, 5))
 
 
@@ -363,7 +374,7 @@ def test_global_batch_on_8_device_mesh(tfds_dir):
   cfg = make_cfg(tfds_dir)
   cfg.train.batch_size = 16
   local = next(data.train_iterator(cfg))
-  batch = data.global_batch(local, sharding)
+  batch = data.global_batch(local, sharding, 16)
   assert batch.keys() == local.keys()
   for key, array in batch.items():
     assert array.shape == (16, cfg.data.seq_len) and array.dtype == local[key].dtype

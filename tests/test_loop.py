@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 
 import nopejax
 from conftest import small_config
-from nopejax import config, loop
+from nopejax import config, data, loop
 from nopejax.config import ConfigError
 
 
@@ -107,3 +108,28 @@ def test_dry_run_sizes_the_1b_model_without_memory():
   assert report['param_bytes_per_device'] == (1_100_048_384 - 45 * 2048) * 4 // 8 + (45 * 2048 + 704) * 4
   # Adam moments of the weights (temperatures are frozen: none for them) plus two int32 step counters.
   assert report["optimizer_bytes_per_device"] == 2 * ((1_100_048_384 - 45 * 2048) * 4 // 8 + 45 * 2048 * 4) + 8
+
+
+def test_sigterm_finishes_the_step_saves_and_the_resumed_run_matches(full_run, tfds_dir, tmp_path, monkeypatch):
+  cfg, full_dir = full_run
+  workdir = str(tmp_path)
+  cfg = small_config(tfds_dir)
+  cfg.train.eval_every = 20
+  batches_made = []
+  real_global_batch = data.global_batch
+
+  def global_batch_then_sigterm(*args):
+    batches_made.append(1)
+    if len(batches_made) == 7:
+      os.kill(os.getpid(), signal.SIGTERM)  # A real signal, as a scheduler sends it, during step 7.
+    return real_global_batch(*args)
+
+  monkeypatch.setattr(data, 'global_batch', global_batch_then_sigterm)
+  logged = loop.run(cfg, workdir)
+  assert logged['stopped_at'] == 7 and logged['step'] == 7
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # The run's handler is gone again.
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['7']
+  monkeypatch.setattr(data, 'global_batch', real_global_batch)
+  loop.run(cfg, workdir)
+  assert [m['step'] for m in read_metrics(workdir)] == list(range(1, 41))
+  assert losses(workdir, 8, 40) == losses(full_dir, 8, 40)  # Same process: bit for bit.

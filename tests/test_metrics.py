@@ -46,3 +46,16 @@ def test_log_line_has_eta():
   line = metrics.log_line(10, 110, {'loss': 2.0, 'learning_rate': 1e-3, 'tokens_per_sec': 5000.0, 'mfu': 0.25,
                              'sec_per_step': 2.0})
   assert line == 'step 10/110 | loss 2.0000 | lr 0.001 | tokens/s 5,000 | MFU 25.00% | ETA 0:03:20'
+
+
+def test_writer_on_an_object_store_rewrites_whole_files(gcs):
+  # GCS objects cannot be appended to: each flush writes the whole file again, and a restart keeps
+  # what the file already held.
+  for step in (1, 2):
+    writer = metrics.Writer('gs://bucket/run')
+    writer.write(step, {'loss': float(step)})
+    writer.close()
+  stored = gcs.objects()
+  assert stored['bucket/run/metrics.jsonl'].decode().splitlines() == ['{"step": 1, "loss": 1.0}', '{"step": 2, "loss": 2.0}']
+  events = [name for name in stored if name.startswith('bucket/run/tensorboard/events.out.tfevents')]
+  assert events and all(len(stored[name]) > 50 for name in events)

@@ -100,3 +100,71 @@ def test_bytes_per_device_divides_sharded_parameters():
   per_device = sharding.bytes_per_device(model_state, step_lib.model_state(shardings))
   vectors = sum(x.size * 4 for x in jax.tree.leaves(model_state) if x.ndim == 1)  # Norms, temperatures: replicated.
   assert per_device == (total - vectors) // 8 + vectors
+
+
+# --- Processes --------------------------------------------------------------------------------
+
+
+CLUSTER_VARIABLES = ('OMPI_MCA_orte_hnp_uri', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_LOCAL_RANK',
+                     'SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID',
+                     'KUBERNETES_SERVICE_HOST', 'TPU_WORKER_HOSTNAMES', 'TPU_PROCESS_ADDRESSES')
+
+
+@pytest.fixture
+def initialize_calls(monkeypatch):
+  """jax.distributed.initialize replaced by a recorder; no cluster variables in the environment."""
+  for name in CLUSTER_VARIABLES:
+    monkeypatch.delenv(name, raising=False)
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *args, **kwargs: calls.append(args))
+  return calls
+
+
+def test_a_lone_process_never_starts_a_coordinator(initialize_calls, monkeypatch):
+  assert sharding.detected_cluster() is None
+  assert sharding.join_processes() == 1 and initialize_calls == []
+  # libtpu on a machine without TPU can leave a warning with a comma in TPU_WORKER_HOSTNAMES: no TPU VM, no cluster.
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'WARNING: Could not determine TPU worker hostnames, using localhost,')
+  assert sharding.join_processes() == 1 and initialize_calls == []
+
+
+def test_open_mpi_and_slurm_jobs_are_detected(initialize_calls, monkeypatch):
+  for name, value in {'OMPI_MCA_orte_hnp_uri': '1531576320.0;tcp://10.96.0.1:34911', 'OMPI_COMM_WORLD_SIZE': '2',
+                      'OMPI_COMM_WORLD_RANK': '1', 'OMPI_COMM_WORLD_LOCAL_RANK': '0'}.items():
+    monkeypatch.setenv(name, value)
+  assert sharding.detected_cluster().__name__ == 'OmpiCluster'
+  sharding.join_processes()
+  assert initialize_calls == [()]  # jax reads the rest from the same variables.
+  for name in CLUSTER_VARIABLES[:4]:
+    monkeypatch.delenv(name)
+  for name, value in {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'node[1-2]', 'SLURM_NTASKS': '1',
+                      'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}.items():
+    monkeypatch.setenv(name, value)
+  assert sharding.detected_cluster().__name__ == 'SlurmCluster'
+  assert sharding.join_processes() == 1 and len(initialize_calls) == 1  # A one-task job stays alone.
+  monkeypatch.setenv('SLURM_NTASKS', '2')
+  sharding.join_processes()
+  assert len(initialize_calls) == 2
+
+
+def test_processes_joined_by_hand(initialize_calls):
+  assert sharding.join_processes('host0:1234', 2, 1) == 2
+  assert initialize_calls == [('host0:1234', 2, 1)]
+  with pytest.raises(ConfigError, match='pass all three, with 0 <= process_id < num_processes'):
+    sharding.join_processes('host0:1234', 2, None)
+  with pytest.raises(ConfigError, match='pass all three'):
+    sharding.join_processes('host0:1234', 2, 2)
+
+
+class _TwoSlicesOfTheBatch:
+  """A sharding as process 1 of 4 sees it: its devices hold rows 8-11 and 24-27 of 32."""
+
+  def addressable_devices_indices_map(self, shape):
+    return {'device a': (slice(24, 28), slice(None)), 'device b': (slice(8, 12), slice(None))}
+
+
+def test_process_rows_follow_the_devices_of_this_process():
+  assert sharding.process_rows(_TwoSlicesOfTheBatch(), 32) == [8, 9, 10, 11, 24, 25, 26, 27]
+  mesh = jax.make_mesh((4, 2), ('data', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  batch = sharding.batch_sharding(mesh, (('batch', 'data'), ('seq', None)))
+  assert sharding.process_rows(batch, 8) == list(range(8))  # One process holds every row.
