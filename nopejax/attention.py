@@ -87,7 +87,7 @@ def current_platform() -> str:
 
 
 def attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, implementation='xla',
-           block_size=512, chunked_from=2048, rules=None):
+           block_size=512, chunked_from=1024, rules=None):
   """Causal attention with grouped-query heads (K divides H); documents masked apart by segment ids.
 
   q arrives already multiplied by the temperature; every kernel applies 1/sqrt(Dh) and nothing else.
