@@ -7,14 +7,19 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup setup-tpu demo test clean
 
 setup: $(VENV)/.installed
+setup-tpu: $(VENV)/.installed-tpu
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-tpu: requirements-tpu.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-tpu.txt
 	touch $@
 
 # Pretrain the tiny NoPE model, search its temperatures at 4x the length, evaluate the model as
@@ -33,7 +38,7 @@ demo: setup
 	@echo "Search:      $(DEMO_DIR)/search (temperatures.json, temperatures.png, eval/report.md)"
 	@echo "Comparison:  $(DEMO_DIR)/compare (table and curves of the three)"
 
-test: setup
+test: setup setup-tpu
 	$(PY) -m pytest -q
 
 clean:

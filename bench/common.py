@@ -28,9 +28,17 @@ def abstract_batch(cfg, batch_sharding):
   return batch
 
 
-def compiled_step(cfg):
-  """(mesh, compiled train step, abstract state, abstract batch) for cfg, compiled ahead of time."""
-  mesh = sharding.make_mesh(cfg)
+def tpu_devices(topology_name):
+  """The devices of a TPU slice such as 'v5e:2x4', from libtpu's topology description (no TPU needed)."""
+  from jax.experimental import topologies
+  return topologies.get_topology_desc(platform='tpu', topology_name=topology_name, chip_config_name='default',
+                                      chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+
+
+def compiled_step(cfg, devices=None):
+  """(mesh, compiled train step, abstract state, abstract batch) for cfg, compiled ahead of time
+  for `devices` (default: the local ones; tpu_devices(...) compiles for a TPU slice)."""
+  mesh = sharding.make_mesh(cfg, devices)
   tx = optim.make_optimizer(cfg)
   with jax.set_mesh(mesh):
     graphdef, abstract, shardings = step_lib.abstract_state(cfg, mesh, tx)
@@ -56,7 +64,7 @@ def time_step(cfg, steps=20, warmup=3) -> float:
     tokens = jax.random.randint(jax.random.key(0), (cfg.train.batch_size, cfg.data.seq_len + 1), 0,
                                 cfg.model.vocab_size)
     batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-             'segment_ids': jnp.ones_like(tokens[:, 1:]), 'positions': jnp.zeros_like(tokens[:, 1:]),
+             'segment_ids': jnp.ones_like(tokens[:, 1:]), 'positions': jnp.broadcast_to(jnp.arange(cfg.data.seq_len), tokens[:, 1:].shape),
              'loss_mask': jnp.ones(tokens[:, 1:].shape, jnp.float32)}
     batch = jax.device_put(batch, batch_spec['inputs'].sharding)
     seconds = []

@@ -22,11 +22,18 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.model.mlp_dim = 384  # SwiGLU hidden width.
   cfg.model.norm_eps = 1e-5
   cfg.model.init_std = 0.02
-  cfg.model.position = 'nope'  # Only 'nope' is built so far.
+  cfg.model.position = 'nope'  # 'nope' (none) or 'rope' (rotary, Llama's rotate-half layout).
+  cfg.model.rope_theta = 10000.0  # RoPE base b: dims pair m turns by position * b^(-2m / head_dim).
+  cfg.model.tie_embeddings = False  # The output projection is the input embedding, transposed.
   cfg.model.temperature = 1.0  # Initial (or zero-shot uniform) multiplier c on q, every head.
   cfg.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'. Params stay float32.
   cfg.model.remat = False  # Recompute each block's activations in the backward pass.
-  cfg.model.attention_impl = 'xla'  # jax.nn.dot_product_attention implementation: 'xla' or 'cudnn'.
+  # Attention kernel: 'auto' (splash on TPU, cudnn on GPU where it applies, else chunked from
+  # attention_chunked_from tokens and xla below), 'xla' (the reference, [T, T] logits), 'chunked'
+  # (plain-JAX flash attention, memory linear in T), 'splash' (Pallas TPU) or 'cudnn' (GPU, bfloat16).
+  cfg.model.attention_impl = 'auto'
+  cfg.model.attention_block = 512  # Queries and keys per block in the chunked and splash kernels.
+  cfg.model.attention_chunked_from = 1024  # 'auto' without a fused kernel: chunked from this length (faster on CPU from 1K), xla below.
 
   # Data: a tfds builder streamed with grain, packed into windows of seq_len tokens.
   cfg.data = ml_collections.ConfigDict()

@@ -1,10 +1,24 @@
-"""One attention core: the per-head temperature scales q, then an ordinary softmax attention runs.
+"""One attention core: the per-head temperature scales q, then one of several causal attention kernels runs.
 
 Scaling q (not the logits, not k) keeps any fused attention kernel usable unchanged and leaves
 cached keys unscaled; q * c_h then the usual 1/sqrt(d) gives logits * c_h / sqrt(d).
+
+Kernels (`model.attention_impl`), all causal with packed documents masked apart by segment ids and
+grouped-query heads (head h reads kv head h // (H/K)):
+  xla      jax.nn.dot_product_attention: forms the [B, H, T, T] logits; the reference.
+  chunked  plain JAX flash attention: blocks of queries against blocks of keys with an online
+           softmax and a custom VJP that saves only the output and the log-sum-exp per query, so
+           memory grows linearly with T forward and backward. Runs on every backend.
+  splash   the Pallas TPU splash attention kernel, under shard_map over the mesh.
+  cudnn    cuDNN's fused attention on GPU (bfloat16, causal, no segment mask).
+  auto     splash on TPU, cudnn on GPU where it applies, else chunked from a length threshold, xla below.
 """
+import math
+
 import jax
 import jax.numpy as jnp
+
+from nopejax import config, sharding
 
 
 def scale_queries(q_BxTxHxDh, temperature_H):
@@ -17,11 +31,264 @@ def segment_mask(segment_ids_BxT):
   return segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
 
 
-def attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, implementation='xla'):
-  """Causal attention with grouped-query heads (K divides H); documents masked apart by segment ids."""
+# ---------------------------------------------------------------------------------------------
+# Which kernel runs.
+
+
+def cudnn_unsupported(dtype, head_dim, has_segments) -> str:
+  """Why cuDNN attention cannot run this shape in jax 0.10.2, or '' if it can."""
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return f'cuDNN attention needs bfloat16 inputs, not {jnp.dtype(dtype).name}'
+  if head_dim % 8 or head_dim > 256:
+    return f'cuDNN attention needs a head dimension that is a multiple of 8 up to 256, not {head_dim}'
+  if has_segments:
+    # jax 0.10.2's packed-segment path picks the wrong keys under GQA, and a boolean mask becomes
+    # a dense [B, 1, T, T] bias with a dense gradient: neither is what cudnn is for.
+    return 'cuDNN attention in jax 0.10.2 cannot mask packed documents apart correctly'
+  return ''
+
+
+def choose(implementation, platform, seq_len, dtype, head_dim, has_segments, chunked_from):
+  """(kernel, reason): what `implementation` means on `platform` ('cpu', 'gpu', 'tpu') for this shape."""
+  if implementation != 'auto':
+    return implementation, f'model.attention_impl={implementation!r}'
+  if platform == 'tpu':
+    return 'splash', 'the Pallas splash kernel is the fused attention on TPU'
+  if platform == 'gpu':
+    why_not = cudnn_unsupported(dtype, head_dim, has_segments)
+    if not why_not:
+      return 'cudnn', "cuDNN's fused attention applies on GPU to this shape and dtype"
+  else:
+    why_not = f'no fused kernel on {platform}'
+  if seq_len >= chunked_from:
+    return 'chunked', f'{why_not}, and {seq_len} tokens >= model.attention_chunked_from={chunked_from}'
+  return 'xla', f'{why_not}, and {seq_len} tokens < model.attention_chunked_from={chunked_from}'
+
+
+def kernel_for_run(cfg, platform):
+  """(kernel, reason) for a run's config on `platform`; ConfigError where the chosen kernel cannot run there."""
+  m = cfg.model
+  kernel, reason = choose(m.attention_impl, platform, cfg.data.seq_len, m.dtype, config.head_dim(cfg),
+                          cfg.data.separate_documents, m.attention_chunked_from)
+  if kernel == 'cudnn' and platform != 'gpu':
+    raise config.ConfigError(f"model.attention_impl='cudnn' needs a GPU but this run's devices are {platform}; "
+                             'set model.attention_impl=auto or chunked.')
+  if kernel == 'splash' and platform != 'tpu':
+    reason += f' (interpreted on {platform}: correct but slow, meant for tests)'
+  return kernel, reason
+
+
+def current_platform() -> str:
+  """The platform of the mesh being traced for (a TPU topology compiled from a CPU host counts as TPU)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, implementation='xla',
+           block_size=512, chunked_from=1024, rules=None):
+  """Causal attention with grouped-query heads (K divides H); documents masked apart by segment ids.
+
+  q arrives already multiplied by the temperature; every kernel applies 1/sqrt(Dh) and nothing else.
+  """
+  B, T, H, Dh = q_BxTxHxDh.shape
+  kernel, _ = choose(implementation, current_platform(), T, q_BxTxHxDh.dtype, Dh,
+                     segment_ids_BxT is not None, chunked_from)
+  if kernel == 'chunked':
+    return flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, block_size)
+  if kernel == 'splash':
+    return splash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, block_size, rules)
+  if kernel == 'cudnn':
+    why_not = cudnn_unsupported(q_BxTxHxDh.dtype, Dh, segment_ids_BxT is not None)
+    if why_not:
+      raise ValueError(f'{why_not}; use model.attention_impl=auto or chunked.')
+    return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, is_causal=True, implementation='cudnn')
   mask = None if segment_ids_BxT is None else segment_mask(segment_ids_BxT)
   return jax.nn.dot_product_attention(
-      q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=mask, is_causal=True, implementation=implementation)
+      q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=mask, is_causal=True, implementation='xla')
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked: flash attention in plain JAX (FlashAttention-2's schedule, forward and backward).
+# Query block i sees key blocks 0..i only (equal block sizes, causal), so the loops skip the
+# masked upper triangle. Padding to a multiple of the block adds keys after every real query
+# (the causal mask hides them) and queries whose rows are dropped.
+
+
+def _to_blocks(x_BxTx___, num_blocks):
+  """[B, T, ...] -> [N, B, C, ...] with T = N * C."""
+  B, T = x_BxTx___.shape[:2]
+  return x_BxTx___.reshape(B, num_blocks, T // num_blocks, *x_BxTx___.shape[2:]).swapaxes(0, 1)
+
+
+def _from_blocks(x_NxBxCx___):
+  N, B, C = x_NxBxCx___.shape[:3]
+  return x_NxBxCx___.swapaxes(0, 1).reshape(B, N * C, *x_NxBxCx___.shape[3:])
+
+
+def _block_logits(q_BxCxKxGxD, k_BxCxKxD, i, j, segq_BxC, segk_BxC):
+  """Scaled logits of query block i against key block j, -inf where masked: s_BxKxGxCqxCk (float32)."""
+  C, D = q_BxCxKxGxD.shape[1], q_BxCxKxGxD.shape[-1]
+  s = jnp.einsum('bqkgd,bskd->bkgqs', q_BxCxKxGxD, k_BxCxKxD, preferred_element_type=jnp.float32)
+  s = s * (1.0 / math.sqrt(D))
+  visible_CxC = (i * C + jnp.arange(C))[:, None] >= (j * C + jnp.arange(C))[None, :]
+  visible = visible_CxC[None, None, None]
+  if segq_BxC is not None:
+    visible = visible & (segq_BxC[:, :, None] == segk_BxC[:, None, :])[:, None, None]
+  return jnp.where(visible, s, -jnp.inf)
+
+
+def _flash_forward(q_NxBxCxKxGxD, k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC):
+  """(out_NxBxCxKxGxD in v's dtype, lse_NxBxKxGxC float32)."""
+  N, B, C, K, G, D = q_NxBxCxKxGxD.shape
+
+  def query_block(args):
+    i, q_BxCxKxGxD, segq_BxC = args
+
+    def key_block(j, carry):
+      max_BxKxGxC, total_BxKxGxC, acc_BxKxGxCxD = carry
+      segk = None if seg_NxBxC is None else seg_NxBxC[j]
+      s = _block_logits(q_BxCxKxGxD, k_NxBxCxKxD[j], i, j, segq_BxC, segk)
+      new_max = jnp.maximum(max_BxKxGxC, jnp.max(s, axis=-1))
+      # A row with no visible key yet keeps max -inf; shift it by 0 so exp gives 0, not NaN.
+      shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+      p = jnp.exp(s - shift[..., None])
+      rescale = jnp.exp(max_BxKxGxC - shift)
+      total = rescale * total_BxKxGxC + jnp.sum(p, axis=-1)
+      pv = jnp.einsum('bkgqs,bskd->bkgqd', p.astype(v_NxBxCxKxD.dtype), v_NxBxCxKxD[j],
+                      preferred_element_type=jnp.float32)
+      return new_max, total, rescale[..., None] * acc_BxKxGxCxD + pv
+
+    init = (jnp.full((B, K, G, C), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, C), jnp.float32),
+            jnp.zeros((B, K, G, C, D), jnp.float32))
+    row_max, total, acc = jax.lax.fori_loop(0, i + 1, key_block, init)
+    out_BxCxKxGxD = jnp.einsum('bkgqd->bqkgd', acc / total[..., None]).astype(v_NxBxCxKxD.dtype)
+    return out_BxCxKxGxD, row_max + jnp.log(total)
+
+  seg = None if seg_NxBxC is None else seg_NxBxC
+  return jax.lax.map(query_block, (jnp.arange(N), q_NxBxCxKxGxD, seg))
+
+
+def _flash_backward(q_NxBxCxKxGxD, k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC, out_NxBxCxKxGxD, lse_NxBxKxGxC, dout):
+  """Gradients for q, k, v: key blocks outside, the query blocks that see each key block inside."""
+  N, B, C, K, G, D = q_NxBxCxKxGxD.shape
+  scale = 1.0 / math.sqrt(D)
+  # delta_i = sum_d dout * out = sum_j p_ij dp_ij, the softmax's correction term.
+  delta_NxBxKxGxC = jnp.einsum('nbqkgd,nbqkgd->nbkgq', dout.astype(jnp.float32), out_NxBxCxKxGxD.astype(jnp.float32))
+
+  def key_block(dq_NxBxCxKxGxD, args):
+    j, k_BxCxKxD, v_BxCxKxD = args
+    segk = None if seg_NxBxC is None else seg_NxBxC[j]
+
+    def query_block(i, carry):
+      dq, dk_BxCxKxD, dv_BxCxKxD = carry
+      q_i, dout_i = q_NxBxCxKxGxD[i], dout[i]
+      segq = None if seg_NxBxC is None else seg_NxBxC[i]
+      s = _block_logits(q_i, k_BxCxKxD, i, j, segq, segk)
+      p = jnp.exp(s - lse_NxBxKxGxC[i][..., None])  # Masked logits are -inf: p = 0 there.
+      dv_BxCxKxD = dv_BxCxKxD + jnp.einsum('bkgqs,bqkgd->bskd', p.astype(dout.dtype), dout_i,
+                                           preferred_element_type=jnp.float32)
+      dp = jnp.einsum('bqkgd,bskd->bkgqs', dout_i, v_BxCxKxD, preferred_element_type=jnp.float32)
+      ds = p * (dp - delta_NxBxKxGxC[i][..., None]) * scale
+      dq_i = jnp.einsum('bkgqs,bskd->bqkgd', ds.astype(k_BxCxKxD.dtype), k_BxCxKxD, preferred_element_type=jnp.float32)
+      dk_BxCxKxD = dk_BxCxKxD + jnp.einsum('bkgqs,bqkgd->bskd', ds.astype(q_i.dtype), q_i,
+                                           preferred_element_type=jnp.float32)
+      return dq.at[i].add(dq_i), dk_BxCxKxD, dv_BxCxKxD
+
+    zeros = jnp.zeros((B, C, K, D), jnp.float32)
+    dq_NxBxCxKxGxD, dk, dv = jax.lax.fori_loop(j, N, query_block, (dq_NxBxCxKxGxD, zeros, zeros))
+    return dq_NxBxCxKxGxD, (dk, dv)
+
+  dq0 = jnp.zeros(q_NxBxCxKxGxD.shape, jnp.float32)
+  dq, (dk_NxBxCxKxD, dv_NxBxCxKxD) = jax.lax.scan(key_block, dq0, (jnp.arange(N), k_NxBxCxKxD, v_NxBxCxKxD))
+  return dq, dk_NxBxCxKxD, dv_NxBxCxKxD
+
+
+@jax.custom_vjp
+def _flash_blocks(q, k, v, seg):
+  return _flash_forward(q, k, v, seg)[0]
+
+
+def _flash_blocks_fwd(q, k, v, seg):
+  out, lse = _flash_forward(q, k, v, seg)
+  return out, (q, k, v, seg, out, lse)
+
+
+def _flash_blocks_bwd(residuals, dout):
+  q, k, v, seg, out, lse = residuals
+  dq, dk, dv = _flash_backward(q, k, v, seg, out, lse, dout)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_flash_blocks.defvjp(_flash_blocks_fwd, _flash_blocks_bwd)
+
+
+def flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, block_size=512):
+  """The `chunked` kernel: same result as `attend(..., implementation='xla')`, memory linear in T."""
+  B, T, H, Dh = q_BxTxHxDh.shape
+  K = k_BxTxKxDh.shape[2]
+  C = min(block_size, T)
+  N = -(-T // C)
+  pad = ((0, 0), (0, N * C - T), (0, 0), (0, 0))
+  q_BxPxKxGxD = jnp.pad(q_BxTxHxDh, pad).reshape(B, N * C, K, H // K, Dh)
+  k_NxBxCxKxD = _to_blocks(jnp.pad(k_BxTxKxDh, pad), N)
+  v_NxBxCxKxD = _to_blocks(jnp.pad(v_BxTxKxDh, pad), N)
+  seg_NxBxC = None
+  if segment_ids_BxT is not None:
+    seg_NxBxC = _to_blocks(jnp.pad(segment_ids_BxT, ((0, 0), (0, N * C - T))), N)
+  out_NxBxCxKxGxD = _flash_blocks(_to_blocks(q_BxPxKxGxD, N), k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC)
+  return _from_blocks(out_NxBxCxKxGxD).reshape(B, N * C, H, Dh)[:, :T]
+
+
+# ---------------------------------------------------------------------------------------------
+# splash: the Pallas TPU kernel (interpreted on other platforms, for tests).
+
+
+def _splash_kernel(num_heads, seq_len, block, interpret):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len))] * num_heads)
+  blocks = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  return sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, block_size=512, rules=None):
+  """The `splash` kernel, one sequence per call, under shard_map with rows and heads placed as `rules` say.
+
+  Splash applies no 1/sqrt(d) and needs lengths in multiples of its 128-wide blocks: q is scaled
+  here and the sequence padded (padded keys come after every real query, so the causal mask hides them).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  B, T, H, Dh = q_BxTxHxDh.shape
+  lanes = 128
+  block = min(block_size - block_size % lanes or lanes, -(-T // lanes) * lanes)
+  P = -(-T // block) * block
+  interpret = current_platform() != 'tpu'
+  q = (q_BxTxHxDh.astype(jnp.float32) * (1.0 / math.sqrt(Dh))).astype(q_BxTxHxDh.dtype)
+
+  def to_heads_first(x_BxTxNxD):
+    return jnp.pad(x_BxTxNxD, ((0, 0), (0, P - T), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+  q_BxHxPxD, k_BxKxPxD, v_BxKxPxD = map(to_heads_first, (q, k_BxTxKxDh, v_BxTxKxDh))
+  seg_BxP = (jnp.zeros((B, P), jnp.int32) if segment_ids_BxT is None
+             else jnp.pad(segment_ids_BxT, ((0, 0), (0, P - T))))
+
+  def local(q_BxHxPxD, k_BxKxPxD, v_BxKxPxD, seg_BxP):
+    kernel = _splash_kernel(q_BxHxPxD.shape[1], P, block, interpret)
+    per_row = lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s))
+    return jax.vmap(per_row)(q_BxHxPxD, k_BxKxPxD, v_BxKxPxD, seg_BxP)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and rules is not None:
+    # Pallas kernels run per device: each sees its rows and heads (the sequence stays whole).
+    q_spec = sharding.logical_spec(('batch', 'heads', None, None), rules)
+    kv_spec = sharding.logical_spec(('batch', 'kv_heads', None, None), rules)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, sharding.logical_spec(('batch', None), rules)),
+                          out_specs=q_spec, check_vma=False)
+  out_BxHxPxD = local(q_BxHxPxD, k_BxKxPxD, v_BxKxPxD, seg_BxP)
+  return out_BxHxPxD.transpose(0, 2, 1, 3)[:, :T]
 
 
 # ---------------------------------------------------------------------------------------------

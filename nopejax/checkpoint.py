@@ -7,6 +7,8 @@ A checkpoint step holds four items:
   data   the training data's position (JSON, one entry per global batch row), so a resumed run
          sees the same batches, with any number of processes;
   meta   JSON: step, kind ('pretrain' or 'search'), the model's shape, and the base run.
+A weights-only checkpoint (meta `weights_only`, e.g. a converted Hugging Face model) holds only
+model and meta: training resumed from it starts a fresh optimizer and data stream at its step.
 """
 import hashlib
 import json
@@ -27,15 +29,17 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from nopejax import config, paths, step as step_lib
+from nopejax import config, optim, paths, step as step_lib
 from nopejax.config import ConfigError
 from nopejax.model import Temperature, Transformer, set_temperatures
 
 SHAPE_KEYS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim')
+# Keys that change what the same arrays compute; checkpoints older than a key had its default.
+ARCHITECTURE_DEFAULTS = {'position': 'nope', 'rope_theta': 10000.0, 'tie_embeddings': False}
 
 
 def model_shape(cfg) -> dict:
-  shape = {key: cfg.model[key] for key in SHAPE_KEYS}
+  shape = {key: cfg.model[key] for key in SHAPE_KEYS + tuple(ARCHITECTURE_DEFAULTS)}
   shape['head_dim'] = config.head_dim(cfg)
   return shape
 
@@ -128,11 +132,14 @@ def read_meta(workdir, step) -> dict:
 def check_shape(meta, cfg, where) -> None:
   """A checkpoint must hold a model of the configured shape; name the first key that differs."""
   ours = model_shape(cfg)
-  for key in SHAPE_KEYS:
-    if meta['model'][key] != ours[key]:
+  for key in ours:
+    theirs = meta['model'].get(key, ARCHITECTURE_DEFAULTS.get(key))
+    if key == 'rope_theta' and ours['position'] != 'rope':
+      continue  # Unused without RoPE.
+    if theirs != ours[key]:
       raise ConfigError(
-          f'{where} holds a model with model.{key}={meta["model"][key]} but the config asks for {ours[key]}; '
-          f'set --config.model.{key}={meta["model"][key]} or use another directory.')
+          f'{where} holds a model with model.{key}={theirs} but the config asks for {ours[key]}; '
+          f'set --config.model.{key}={theirs} or use another directory.')
 
 
 def _is_search(cfg):
@@ -168,6 +175,16 @@ def save(manager, state, data_iterator, cfg, base=None) -> None:
       opt=ocp.args.StandardSave(state['opt']),
       data=ocp.args.JsonSave(data_position),
       meta=ocp.args.JsonSave(meta)))
+
+
+def save_weights(workdir, cfg, model_state, step=0) -> None:
+  """A weights-only checkpoint of `model_state` (any sharding) at `step`: what `load`, a search's
+  `search.base` and evaluation read, and what training resumes from with a fresh optimizer."""
+  meta = {'step': step, 'kind': 'pretrain', 'model': model_shape(cfg), 'base': None, 'weights_only': True}
+  with make_manager(workdir, cfg) as manager:
+    manager.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(nnx.to_pure_dict(model_state)), meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
 
 
 # When a restore fails, its other reads still finish: tensorstore calls back into orbax's closed
@@ -239,10 +256,16 @@ def restore(workdir, cfg, graphdef, abstract_state, data_iterator, step):
         'set train.trainable to match or use another --workdir.')
   model_state = restore_model(workdir, cfg, step_lib.model_state(abstract_state), step)
   params, frozen = step_lib.split_model_state(cfg, graphdef, model_state)
+  step_sharding = abstract_state['step'].sharding
+  if meta.get('weights_only'):  # Nothing but weights: a fresh optimizer, the data stream from its start.
+    opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_state['opt'])
+    opt = jax.jit(optim.make_optimizer(cfg).init, out_shardings=opt_shardings)(params)
+    state = {'step': jax.device_put(jax.numpy.int32(step), step_sharding), 'params': params, 'frozen': frozen, 'opt': opt}
+    return state, meta
   items = _restore_items(
       workdir, step, opt=ocp.args.StandardRestore(abstract_state['opt']), data=ocp.args.JsonRestore())
   data_iterator.set_state(items['data'])
-  state = {'step': jax.device_put(jax.numpy.int32(step), abstract_state['step'].sharding),
+  state = {'step': jax.device_put(jax.numpy.int32(step), step_sharding),
            'params': params, 'frozen': frozen, 'opt': items['opt']}
   return state, meta
 

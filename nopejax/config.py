@@ -10,10 +10,10 @@ from etils import epath
 
 from configs import base
 
-POSITIONS = ('nope',)
+POSITIONS = ('nope', 'rope')
 DTYPES = ('float32', 'bfloat16')
 TRAINABLE = ('model', 'temperature')
-ATTENTION_IMPLS = ('xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'xla', 'chunked', 'splash', 'cudnn')
 
 
 class ConfigError(ValueError):
@@ -71,6 +71,14 @@ def validate(cfg) -> None:
     raise ConfigError(f'model.dtype={m.dtype!r} is not one of {DTYPES}; pick one of those.')
   if m.attention_impl not in ATTENTION_IMPLS:
     raise ConfigError(f'model.attention_impl={m.attention_impl!r} is not one of {ATTENTION_IMPLS}; pick one of those.')
+  if m.attention_impl == 'cudnn' and m.dtype != 'bfloat16':
+    raise ConfigError(f"model.attention_impl='cudnn' needs model.dtype='bfloat16', not {m.dtype!r}; set model.dtype=bfloat16 or model.attention_impl=auto.")
+  if m.attention_impl == 'cudnn' and cfg.data.separate_documents:
+    raise ConfigError("model.attention_impl='cudnn' cannot mask packed documents apart (data.separate_documents=True) "
+                      'under grouped-query attention in jax 0.10.2; set data.separate_documents=False or model.attention_impl=chunked.')
+  if m.attention_block <= 0 or m.attention_chunked_from < 0:
+    raise ConfigError(f'model.attention_block={m.attention_block} must be positive and model.attention_chunked_from='
+                      f'{m.attention_chunked_from} not negative; set e.g. 512 and 2048.')
   if m.num_heads <= 0 or (not m.head_dim and m.embed_dim % m.num_heads):
     raise ConfigError(
         f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; '
@@ -79,11 +87,12 @@ def validate(cfg) -> None:
     raise ConfigError(
         f'model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}; '
         'change model.num_kv_heads to a divisor of it.')
+  if m.position == 'rope' and (head_dim(cfg) % 2 or m.rope_theta <= 1):
+    raise ConfigError(
+        f'model.position=rope needs an even head dimension and model.rope_theta > 1 (got {head_dim(cfg)} and '
+        f'{m.rope_theta}); change model.head_dim or model.rope_theta.')
   if m.temperature <= 0:
     raise ConfigError(f'model.temperature={m.temperature} must be positive; set a value like 1.0 or 1.5.')
-  if m.attention_impl == 'cudnn' and m.dtype == 'float32':
-    raise ConfigError("model.attention_impl='cudnn' needs bfloat16 inputs but model.dtype='float32'; "
-                      "set model.dtype=bfloat16 or model.attention_impl=xla.")
   t = cfg.train
   if t.trainable not in TRAINABLE:
     raise ConfigError(f'train.trainable={t.trainable!r} is not one of {TRAINABLE}; pick one of those.')
@@ -134,11 +143,13 @@ def _as_tuples(value):
 
 
 def from_file(path) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file given by path (names like configs/1b.py are no module names)."""
+  """`get_config()` of a config file given by path (names like configs/1b.py are no module names);
+  'FILE.py:ARG' calls get_config(ARG), as --config does."""
+  path, *arg = str(path).split(':', 1)
   spec = importlib.util.spec_from_file_location(f'config_{pathlib.Path(path).stem}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(*arg)
 
 
 def to_json(cfg) -> str:

@@ -7,7 +7,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from nopejax import checkpoint, config, data, metrics, model, optim, paths, search, sharding, step as step_lib
+from nopejax import attention, checkpoint, config, data, metrics, model, optim, paths, search, sharding, step as step_lib
 
 
 def _prepare_data(cfg) -> None:
@@ -46,6 +46,7 @@ def run(cfg, workdir) -> dict:
   if is_search and not cfg.search.base:
     raise config.ConfigError("train.trainable='temperature' needs search.base, the workdir of a pretrained model; set --config.search.base=DIR.")
   logging.info('Mesh %s over %d devices (%s).', dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+  logging.info('Attention kernel %s: %s.', *attention.kernel_for_run(cfg, mesh.devices.flat[0].platform))
 
   # Whatever is entered on `cleanup` is undone on the way out, errors included: the checkpoint
   # being written completes, the logs close, the workdir lock goes.

@@ -1,4 +1,5 @@
-"""The decoder: Llama-style blocks (RMSNorm, grouped-query attention, SwiGLU) with no position encoding.
+"""The decoder: Llama-style blocks (RMSNorm, grouped-query attention, SwiGLU); no position encoding
+by default, or RoPE (`model.position`), applied to q and k before the attention kernel.
 
 Every parameter names its logical axes (`axes=`) so sharding.py can place it on any mesh.
 Each attention layer owns a float32 `Temperature` of shape [num_heads], the multiplier c_h on q.
@@ -7,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nopejax import attention, config, sharding
+from nopejax import attention, config, positions, sharding
 
 
 class Temperature(nnx.Param):
@@ -43,13 +44,17 @@ class Attention(nnx.Module):
     self.dtype = jnp.dtype(m.dtype)
     self.rules = cfg.mesh.rules
     self.implementation = m.attention_impl
+    self.block_size = m.attention_block
+    self.chunked_from = m.attention_chunked_from
+    self.position, self.rope_theta = m.position, float(m.rope_theta)
 
-  def qkv(self, x_BxTxD):
-    """Projections, with the temperature already applied to q."""
+  def qkv(self, x_BxTxD, positions_BxT):
+    """Projections, with the position encoding applied to q and k and the temperature to q."""
     dt = self.dtype
     q_BxTxHxDh = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.q_DxHxDh[...].astype(dt))
     k_BxTxKxDh = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.k_DxKxDh[...].astype(dt))
     v_BxTxKxDh = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.v_DxKxDh[...].astype(dt))
+    q_BxTxHxDh, k_BxTxKxDh = positions.apply(self.position, self.rope_theta, q_BxTxHxDh, k_BxTxKxDh, positions_BxT)
     q_BxTxHxDh = attention.scale_queries(q_BxTxHxDh, self.temperature[...])
     q_BxTxHxDh = sharding.constrain(q_BxTxHxDh, ('batch', 'seq', 'heads', 'head_dim'), self.rules)
     return q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh
@@ -57,17 +62,20 @@ class Attention(nnx.Module):
   def out(self, y_BxTxHxDh):
     return jnp.einsum('bthk,hkd->btd', y_BxTxHxDh, self.o_HxDhxD[...].astype(self.dtype))
 
-  def __call__(self, x_BxTxD, segment_ids_BxT):
-    q, k, v = self.qkv(x_BxTxD)
-    return self.out(attention.attend(q, k, v, segment_ids_BxT, self.implementation))
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
+    q, k, v = self.qkv(x_BxTxD, positions_BxT)
+    return self.out(attention.attend(q, k, v, segment_ids_BxT, self.implementation, self.block_size,
+                                     self.chunked_from, self.rules))
 
   def forward_chunked(self, x_BxTxD, query_chunk, with_entropy=False):
     """One sequence per row (no segments), `query_chunk` queries at a time: memory linear in T.
 
     Returns (out_BxTxD, entropy_BxHxT or None, k_BxTxKxDh, v_BxTxKxDh). The keys are unscaled (the
-    temperature multiplies q only), so they can fill a KV cache that any temperature can read.
+    temperature multiplies q only), so they can fill a KV cache that any temperature can read;
+    with RoPE they are rotated by their positions 0 .. T-1, as the cache needs them.
     """
-    q, k, v = self.qkv(x_BxTxD)
+    positions_BxT = jnp.broadcast_to(jnp.arange(x_BxTxD.shape[1]), x_BxTxD.shape[:2])
+    q, k, v = self.qkv(x_BxTxD, positions_BxT)
     y_BxTxHxDh, entropy_BxHxT = attention.attend_chunked(q, k, v, query_chunk, with_entropy)
     return self.out(y_BxTxHxDh), entropy_BxHxT, k, v
 
@@ -77,7 +85,7 @@ class Attention(nnx.Module):
     cache = {'k': k_BxSxKxDh, 'v': v_BxSxKxDh}; entries past a row's index are ignored.
     Returns (out_Bx1xD, updated cache).
     """
-    q_Bx1xHxDh, k_Bx1xKxDh, v_Bx1xKxDh = self.qkv(x_Bx1xD)
+    q_Bx1xHxDh, k_Bx1xKxDh, v_Bx1xKxDh = self.qkv(x_Bx1xD, index_B[:, None])
     cache = {'k': attention.write_cache(cache['k'], k_Bx1xKxDh[:, 0], index_B),
              'v': attention.write_cache(cache['v'], v_Bx1xKxDh[:, 0], index_B)}
     y_Bx1xHxDh, _ = attention.attend_rows(q_Bx1xHxDh, cache['k'], cache['v'], index_B[:, None], with_entropy=False)
@@ -108,8 +116,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.model.embed_dim, cfg.model.norm_eps)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BxTxD, segment_ids_BxT):
-    x_BxTxD = x_BxTxD + self.attention(self.attention_norm(x_BxTxD), segment_ids_BxT)
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
+    x_BxTxD = x_BxTxD + self.attention(self.attention_norm(x_BxTxD), segment_ids_BxT, positions_BxT)
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
 
   def forward_chunked(self, x_BxTxD, query_chunk, with_entropy=False):
@@ -126,11 +134,11 @@ class Block(nnx.Module):
     return x_Bx1xD + self.mlp(self.mlp_norm(x_Bx1xD)), cache
 
 
-def _run_block(block, x_BxTxD, segment_ids_BxT):
-  return block(x_BxTxD, segment_ids_BxT)
+def _run_block(block, x_BxTxD, segment_ids_BxT, positions_BxT):
+  return block(x_BxTxD, segment_ids_BxT, positions_BxT)
 
 
-def _run_block_rematerialized(block, x_BxTxD, segment_ids_BxT):
+def _run_block_rematerialized(block, x_BxTxD, segment_ids_BxT, positions_BxT):
   """Runs a block under jax.checkpoint: its activations are recomputed in the backward pass.
 
   Plain jax.checkpoint over the block's split state, because nnx.remat writes variables back
@@ -138,10 +146,10 @@ def _run_block_rematerialized(block, x_BxTxD, segment_ids_BxT):
   """
   graphdef, block_state = nnx.split(block)
 
-  def pure_block(block_state, x_BxTxD, segment_ids_BxT):
-    return nnx.merge(graphdef, block_state)(x_BxTxD, segment_ids_BxT)
+  def pure_block(block_state, x_BxTxD, segment_ids_BxT, positions_BxT):
+    return nnx.merge(graphdef, block_state)(x_BxTxD, segment_ids_BxT, positions_BxT)
 
-  return jax.checkpoint(pure_block)(block_state, x_BxTxD, segment_ids_BxT)
+  return jax.checkpoint(pure_block)(block_state, x_BxTxD, segment_ids_BxT, positions_BxT)
 
 
 class Transformer(nnx.Module):
@@ -152,19 +160,23 @@ class Transformer(nnx.Module):
     self.embed_VxD = _normal(rngs, (m.vocab_size, m.embed_dim), ('vocab', 'embed'), m.init_std)
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(m.num_layers)])
     self.final_norm = RMSNorm(m.embed_dim, m.norm_eps)
-    self.head_DxV = _normal(rngs, (m.embed_dim, m.vocab_size), ('embed', 'vocab'), m.init_std)
+    if not m.tie_embeddings:  # Tied: the output projection is the embedding, transposed.
+      self.head_DxV = _normal(rngs, (m.embed_dim, m.vocab_size), ('embed', 'vocab'), m.init_std)
+    self.tie_embeddings = m.tie_embeddings
     self.dtype = jnp.dtype(m.dtype)
     self.rules = cfg.mesh.rules
     # Recomputing each block in the backward pass trades compute for activation memory.
     self.run_block = _run_block_rematerialized if m.remat else _run_block
 
-  def __call__(self, tokens_BxT, segment_ids_BxT=None):
+  def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None):
+    """Packed documents: segment ids keep them apart, positions (default 0 .. T-1) place their tokens."""
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.dtype)
     for block in self.blocks:
       x_BxTxD = sharding.constrain(x_BxTxD, ('batch', 'seq', 'act_embed'), self.rules)
-      x_BxTxD = self.run_block(block, x_BxTxD, segment_ids_BxT)
-    x_BxTxD = self.final_norm(x_BxTxD)
-    return jnp.einsum('btd,dv->btv', x_BxTxD, self.head_DxV[...].astype(self.dtype)).astype(jnp.float32)
+      x_BxTxD = self.run_block(block, x_BxTxD, segment_ids_BxT, positions_BxT)
+    return self.head(x_BxTxD)
 
   # ------------------------------------------------------------------------------------------
   # Evaluation and decoding: one document per row, attention a query chunk at a time.
@@ -172,7 +184,8 @@ class Transformer(nnx.Module):
   def head(self, x_BxTxD):
     """Final norm and output projection of hidden states: logits_BxTxV, float32."""
     x_BxTxD = self.final_norm(x_BxTxD)
-    return jnp.einsum('btd,dv->btv', x_BxTxD, self.head_DxV[...].astype(self.dtype)).astype(jnp.float32)
+    head_DxV = self.embed_VxD[...].T if self.tie_embeddings else self.head_DxV[...]
+    return jnp.einsum('btd,dv->btv', x_BxTxD, head_DxV.astype(self.dtype)).astype(jnp.float32)
 
   def _forward_chunked(self, tokens_BxT, query_chunk, with_entropy):
     x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.dtype)

@@ -20,6 +20,7 @@ def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
 
 
 def _segments(cfg, batch):
+  """Segment ids keep packed documents apart; batch['positions'] restart at each document then."""
   return batch['segment_ids'] if cfg.data.separate_documents else None
 
 
@@ -30,7 +31,7 @@ def make_train_step(cfg, graphdef, tx):
 
   def loss_fn(params, frozen, batch):
     model = nnx.merge(graphdef, params, frozen)
-    logits_BxTxV = model(batch['inputs'], _segments(cfg, batch))
+    logits_BxTxV = model(batch['inputs'], _segments(cfg, batch), batch['positions'])
     loss_sum, count = cross_entropy(logits_BxTxV, batch['targets'], batch['loss_mask'])
     return loss_sum / jnp.maximum(count, 1.0)
 
@@ -62,7 +63,7 @@ def make_eval_step(cfg, graphdef):
 
   def eval_step(params, frozen, batch):
     model = nnx.merge(graphdef, params, frozen)
-    logits_BxTxV = model(batch['inputs'], _segments(cfg, batch))
+    logits_BxTxV = model(batch['inputs'], _segments(cfg, batch), batch['positions'])
     return cross_entropy(logits_BxTxV, batch['targets'], batch['loss_mask'])
 
   return eval_step

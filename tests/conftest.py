@@ -9,6 +9,9 @@ os.environ['XLA_FLAGS'] = ' '.join([
     '--xla_cpu_collective_call_terminate_timeout_seconds=30',
 ])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# The CPU backend only: libtpu (installed for the TPU compile tests) would otherwise probe for a TPU.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # Several processes may compile for TPU at once.
 
 import pytest  # noqa: E402
 

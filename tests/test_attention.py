@@ -1,8 +1,13 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from configs import base
 from nopejax import attention
+from nopejax.config import ConfigError
 
 
 def reference_attention(q, k, v, segment_ids):
@@ -112,3 +117,132 @@ def test_write_cache_writes_each_row_at_its_own_index():
   np.testing.assert_array_equal(written[0, 1], new[0])
   np.testing.assert_array_equal(written[1, 4], new[1])
   assert float(jnp.abs(written).sum()) == 10.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels behind model.attention_impl: each against the reference ('xla').
+
+KERNEL_CASES = [  # (kernel, heads, kv heads, length, block, dtype)
+    ('chunked', 32, 4, 100, 32, jnp.float32),  # 100 is no multiple of 32.
+    ('chunked', 4, 4, 37, 16, jnp.float32),
+    ('chunked', 32, 4, 100, 32, jnp.bfloat16),
+    ('chunked', 4, 4, 37, 512, jnp.bfloat16),  # One block longer than the sequence.
+    ('splash', 32, 4, 150, 128, jnp.float32),  # Pallas interpret mode; 150 pads to 256.
+    ('splash', 4, 4, 37, 512, jnp.bfloat16),
+]
+
+
+def packed_inputs(heads, kv_heads, length, dtype, head_dim=16, batch=2):
+  """Random q, k, v, temperatures and segment ids of several packed documents per row."""
+  kq, kk, kv, ks, kt = jax.random.split(jax.random.key(7), 5)
+  q = jax.random.normal(kq, (batch, length, heads, head_dim), dtype)
+  k = jax.random.normal(kk, (batch, length, kv_heads, head_dim), dtype)
+  v = jax.random.normal(kv, (batch, length, kv_heads, head_dim), dtype)
+  temperature = jax.random.uniform(kt, (heads,), jnp.float32, 1.0, 2.0)
+  starts = jax.random.bernoulli(ks, 0.06, (batch, length)).at[:, 0].set(True)
+  return q, k, v, temperature, jnp.cumsum(starts, axis=1).astype(jnp.int32)
+
+
+def attention_loss(kernel, segment_ids, weights, block):
+  """A scalar of the attention output that reaches q, k, v and the temperatures."""
+  def loss(q, k, v, temperature):
+    y = attention.attend(attention.scale_queries(q, temperature), k, v, segment_ids, kernel, block)
+    return jnp.sum(y.astype(jnp.float32) * weights)
+  return loss
+
+
+def assert_close(actual, expected, rtol):
+  """Within rtol of the reference's largest magnitude, element by element."""
+  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+  np.testing.assert_allclose(actual, expected, atol=rtol * np.abs(expected).max(), rtol=0)
+
+
+@pytest.mark.parametrize('kernel,heads,kv_heads,length,block,dtype', KERNEL_CASES)
+def test_kernel_matches_xla_in_outputs_and_gradients(kernel, heads, kv_heads, length, block, dtype):
+  q, k, v, temperature, segment_ids = packed_inputs(heads, kv_heads, length, dtype)
+  assert int(segment_ids.max()) > 2  # Several documents per row: the segment mask matters.
+  rtol = 1e-5 if dtype == jnp.float32 else 2e-2
+  scaled = attention.scale_queries(q, temperature)
+  expected = attention.attend(scaled, k, v, segment_ids, 'xla')
+  assert_close(jax.jit(lambda *a: attention.attend(*a, segment_ids, kernel, block))(scaled, k, v), expected, rtol)
+  weights = jax.random.normal(jax.random.key(8), expected.shape, jnp.float32)
+  grads = jax.jit(jax.grad(attention_loss(kernel, segment_ids, weights, block), argnums=(0, 1, 2, 3)))
+  reference = jax.grad(attention_loss('xla', segment_ids, weights, block), argnums=(0, 1, 2, 3))
+  for name, got, want in zip(('q', 'k', 'v', 'temperature'), grads(q, k, v, temperature), reference(q, k, v, temperature)):
+    assert got.dtype == want.dtype, name
+    assert_close(got, want, rtol)
+
+
+def test_chunked_without_segments_is_plain_causal_attention():
+  q, k, v, _, _ = packed_inputs(8, 2, 45, jnp.float32)
+  assert_close(attention.attend(q, k, v, None, 'chunked', 16), reference_attention(q, k, v, jnp.ones((2, 45))), 1e-5)
+
+
+def test_splash_runs_sharded_over_the_mesh():
+  """Rows over ('data', 'fsdp') and heads over 'tensor', each device running the kernel on its share."""
+  q, k, v, _, segment_ids = packed_inputs(4, 2, 40, jnp.float32, batch=4)
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rules = (('batch', ('data', 'fsdp')), ('heads', 'tensor'), ('kv_heads', 'tensor'))
+  with jax.set_mesh(mesh):
+    lowered = jax.jit(lambda q, k, v: attention.attend(q, k, v, segment_ids, 'splash', 128, rules=rules)).lower(q, k, v)
+    assert 'shard_map' in lowered.as_text() or 'sdy.manual_computation' in lowered.as_text()
+    y = lowered.compile()(q, k, v)
+  assert_close(y, attention.attend(q, k, v, segment_ids, 'xla'), 1e-5)
+
+
+def test_chunked_gradient_memory_grows_linearly_with_length():
+  """XLA's temporaries for the chunked kernel's gradient: 4x the length costs about 4x, not 16x,
+  and far less than one [T, T] float32 logits matrix per head at 4K."""
+  def temp_bytes(length):
+    q = jax.ShapeDtypeStruct((1, length, 4, 16), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32)
+    loss = lambda q, k, v: jnp.sum(attention.attend(q, k, v, None, 'chunked', 128))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+  small, large = temp_bytes(1024), temp_bytes(4096)
+  assert large < 4.5 * small
+  assert large < 4096 * 4096 * 4  # One head's logits alone would be 64 MiB.
+
+
+def test_auto_picks_the_kernel_by_platform_shape_and_dtype():
+  choose = functools.partial(attention.choose, 'auto', seq_len=4096, head_dim=64, chunked_from=2048)
+  assert choose(platform='tpu', dtype=jnp.float32, has_segments=True)[0] == 'splash'
+  assert choose(platform='gpu', dtype=jnp.bfloat16, has_segments=False)[0] == 'cudnn'
+  kernel, reason = choose(platform='gpu', dtype=jnp.float32, has_segments=False)
+  assert kernel == 'chunked' and 'bfloat16' in reason
+  kernel, reason = choose(platform='gpu', dtype=jnp.bfloat16, has_segments=True)
+  assert kernel == 'chunked' and 'packed documents' in reason
+  assert choose(platform='cpu', dtype=jnp.float32, has_segments=True)[0] == 'chunked'
+  kernel, reason = attention.choose('auto', 'cpu', 256, jnp.float32, 64, True, 2048)
+  assert kernel == 'xla' and '256 tokens < model.attention_chunked_from=2048' in reason
+  assert attention.choose('chunked', 'tpu', 8, jnp.float32, 64, True, 2048)[0] == 'chunked'  # Explicit wins.
+
+
+def test_cudnn_is_refused_off_gpu_with_a_sentence():
+  cfg = base.get_config()
+  cfg.model.attention_impl = 'cudnn'
+  cfg.model.dtype = 'bfloat16'
+  cfg.data.separate_documents = False
+  with pytest.raises(ConfigError, match="needs a GPU but this run's devices are cpu"):
+    attention.kernel_for_run(cfg, 'cpu')
+  assert attention.kernel_for_run(cfg, 'gpu')[0] == 'cudnn'
+  cfg.model.attention_impl = 'splash'
+  assert 'interpreted on cpu' in attention.kernel_for_run(cfg, 'cpu')[1]
+
+
+def test_splash_gradient_compiles_for_a_tpu_slice():
+  """Compiled, not run: XLA for a v5e 2x2 slice (libtpu's topology description) takes the Pallas kernel."""
+  from jax.experimental import topologies
+  topology = topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2', chip_config_name='default',
+                                          chips_per_host_bounds=(2, 2, 1), num_slices=1)
+  mesh = jax.sharding.Mesh(np.array(topology.devices).reshape(2, 2, 1), ('data', 'fsdp', 'tensor'),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rules = (('batch', ('data', 'fsdp')), ('heads', 'tensor'), ('kv_heads', 'tensor'))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+  q = jax.ShapeDtypeStruct((4, 1000, 8, 64), jnp.bfloat16, sharding=rows)
+  kv = jax.ShapeDtypeStruct((4, 1000, 2, 64), jnp.bfloat16, sharding=rows)
+  segment_ids = jax.ShapeDtypeStruct((4, 1000), jnp.int32, sharding=rows)
+  loss = lambda q, k, v, s: jnp.sum(attention.attend(q, k, v, s, 'auto', 512, rules=rules).astype(jnp.float32))
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, segment_ids).compile()
+  assert 'tpu_custom_call' in compiled.as_text()  # The Mosaic kernels, forward and backward.
+  assert compiled.memory_analysis().temp_size_in_bytes < 1000 * 1000 * 8 * 4  # No [T, T] logits per head.

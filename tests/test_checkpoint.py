@@ -81,3 +81,23 @@ def test_search_run_against_a_pretrain_workdir_is_refused(trained, tfds_dir):
   cfg.search.base = workdir
   with pytest.raises(ConfigError, match='holds a pretrain run but the config describes a search run'):
     loop.run(cfg, workdir)
+
+
+def test_position_encoding_and_tied_embeddings_are_checked_like_the_shape(trained):
+  """Same arrays, another computation: a RoPE or tied config must not silently read a NoPE checkpoint."""
+  cfg, workdir = trained
+  meta = checkpoint.read_meta(workdir, 40)
+  checkpoint.check_shape(meta, cfg, 'here')
+  cfg.model.position = 'rope'
+  with pytest.raises(ConfigError, match='model.position=nope but the config asks for rope; set --config.model.position=nope'):
+    checkpoint.check_shape(meta, cfg, 'here')
+  cfg.model.position = 'nope'
+  cfg.model.rope_theta = 500000.0  # Unused without RoPE.
+  checkpoint.check_shape(meta, cfg, 'here')
+  cfg.model.tie_embeddings = True
+  with pytest.raises(ConfigError, match='model.tie_embeddings=False but the config asks for True'):
+    checkpoint.check_shape(meta, cfg, 'here')
+  # Checkpoints written before these keys existed read as their defaults.
+  cfg.model.tie_embeddings = False
+  older = dict(meta, model={k: v for k, v in meta['model'].items() if k not in checkpoint.ARCHITECTURE_DEFAULTS})
+  checkpoint.check_shape(older, cfg, 'here')

@@ -25,7 +25,8 @@ def test_base_config_is_valid_and_locked():
 @pytest.mark.parametrize('changes, message', [
     ({'model__num_heads': 3}, 'model.num_heads=3 does not divide model.embed_dim=128'),
     ({'model__num_kv_heads': 3}, 'model.num_kv_heads=3 does not divide model.num_heads=4'),
-    ({'model__position': 'rope'}, "model.position='rope' is not one of"),
+    ({'model__position': 'alibi'}, "model.position='alibi' is not one of"),
+    ({'model__position': 'rope', 'model__head_dim': 15}, 'model.position=rope needs an even head dimension'),
     ({'model__dtype': 'float16'}, "model.dtype='float16' is not one of"),
     ({'model__temperature': 0.0}, 'model.temperature=0.0 must be positive'),
     ({'train__trainable': 'all'}, "train.trainable='all' is not one of"),
@@ -36,7 +37,7 @@ def test_base_config_is_valid_and_locked():
     ({'train__keep_checkpoints': -1}, 'train.keep_checkpoints=-1 must be at least 1'),
     ({'train__eval_batches': 0}, 'train.eval_every=500 with train.eval_batches=0 evaluates nothing; set train.eval_batches'),
     ({'train__skip_nonfinite': -2}, 'train.skip_nonfinite=-2 must not be negative'),
-    ({'model__attention_impl': 'cudnn'}, "model.attention_impl='cudnn' needs bfloat16 inputs but model.dtype='float32'"),
+    ({'model__attention_impl': 'cudnn'}, "model.attention_impl='cudnn' needs model.dtype='bfloat16', not 'float32'"),
     ({'train__trainable': 'temperature', 'search__init': '0.8'},
      'search.init=0.8 is below search.min_temperature=1.0, so the first update would clamp it'),
     ({'search__init': 'warm'}, "search.init='warm' is neither a number nor 'auto'"),

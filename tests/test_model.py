@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from conftest import small_config
@@ -12,8 +13,15 @@ def make(cfg, seed=0):
 
 
 @nnx.jit
-def forward(m, tokens, segment_ids=None):
-  return m(tokens, segment_ids)
+def forward(m, tokens, segment_ids=None, positions=None):
+  return m(tokens, segment_ids, positions)
+
+
+def rope_config(seed_theta=100.0):
+  cfg = small_config()
+  cfg.model.position = 'rope'
+  cfg.model.rope_theta = seed_theta
+  return cfg
 
 
 def test_logits_shape_dtype_and_grouped_query_heads():
@@ -70,6 +78,43 @@ def test_causal_and_packed_documents_do_not_see_each_other():
   np.testing.assert_allclose(forward(m, changed, segments)[:, :-1], logits[:, :-1], atol=1e-6)
 
 
+def test_rope_packed_documents_restart_their_positions():
+  """With RoPE, a packed document whose positions restart at 0 gives the logits it gives alone."""
+  m = make(rope_config())
+  docs = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
+  alone = forward(m, docs, jnp.ones((2, 8), jnp.int32), jnp.tile(jnp.arange(8), (2, 1)))
+  packed = docs.reshape(1, 16)
+  segments = jnp.array([[1] * 8 + [2] * 8])
+  restarting = jnp.tile(jnp.arange(8), (1, 2))
+  logits = forward(m, packed, segments, restarting)
+  np.testing.assert_allclose(logits.reshape(2, 8, -1), alone, atol=1e-5)
+  # RoPE is relative: continuing the positions (8..15) only shifts the second document's, which
+  # changes nothing...
+  continuing = jnp.arange(16)[None]
+  np.testing.assert_allclose(forward(m, packed, segments, continuing), logits, atol=1e-5)
+  # ... but spreading them apart does, where NoPE ignores positions altogether.
+  spread = restarting * 3
+  assert not np.allclose(forward(m, packed, segments, spread), logits, atol=1e-3)
+  nope = make(small_config())
+  np.testing.assert_allclose(forward(nope, packed, segments, spread), forward(nope, packed, segments, restarting), atol=1e-6)
+
+
+def test_tied_embeddings_project_with_the_embedding():
+  untied_cfg, tied_cfg = small_config(), small_config()
+  tied_cfg.model.tie_embeddings = True
+  untied, tied = make(untied_cfg), make(tied_cfg)
+  assert not hasattr(tied, 'head_DxV')
+  V, D = tied.embed_VxD.shape
+  assert model.count_params(nnx.state(untied)) - model.count_params(nnx.state(tied)) == V * D
+  untied.embed_VxD[...] = tied.embed_VxD[...]
+  untied.head_DxV[...] = tied.embed_VxD[...].T
+  for a, b in zip(untied.blocks, tied.blocks):
+    nnx.update(a, nnx.state(b))
+  nnx.update(untied.final_norm, nnx.state(tied.final_norm))
+  tokens = jax.random.randint(jax.random.key(6), (2, 16), 0, 256)
+  np.testing.assert_allclose(forward(tied, tokens), forward(untied, tokens), atol=1e-6)
+
+
 def test_remat_changes_nothing_but_memory():
   cfg = small_config()
   tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 256)
@@ -101,9 +146,9 @@ def test_flops_per_token_counts_matmul_weights_and_attention():
   assert model.flops_per_token(cfg) == 6 * weights + 12 * L * D * T
 
 
-def test_chunked_forward_equals_the_training_forward():
-  cfg = small_config()
-  m = make(cfg)
+@pytest.mark.parametrize('position', ['nope', 'rope'])
+def test_chunked_forward_equals_the_training_forward(position):
+  m = make(rope_config() if position == 'rope' else small_config())
   for block in m.blocks:
     block.attention.temperature[...] = jnp.array([1.0, 1.3, 1.6, 2.0])
   tokens = jax.random.randint(jax.random.key(4), (2, 21), 0, 256)
@@ -114,10 +159,11 @@ def test_chunked_forward_equals_the_training_forward():
   assert np.all(entropy >= -1e-6) and np.all(entropy <= np.log(np.arange(1, 22)) + 1e-5)
 
 
-def test_cached_decoding_equals_the_full_forward_pass():
-  """Prefill of right-padded prompts of different lengths, then one token at a time with the KV cache."""
-  cfg = small_config()
-  m = make(cfg, seed=1)
+@pytest.mark.parametrize('position', ['nope', 'rope'])
+def test_cached_decoding_equals_the_full_forward_pass(position):
+  """Prefill of right-padded prompts of different lengths, then one token at a time with the KV cache
+  (with RoPE the cache holds keys rotated by their positions, and each new query by its index)."""
+  m = make(rope_config() if position == 'rope' else small_config(), seed=1)
   for block in m.blocks:
     block.attention.temperature[...] = jnp.array([1.0, 1.5, 2.0, 1.2])  # The cache holds unscaled keys.
   tokens = jax.random.randint(jax.random.key(5), (2, 24), 0, 256)

@@ -46,6 +46,7 @@ def search_config(tfds_dir, base):
   cfg.search.base = base
   cfg.search.init = 'auto'
   cfg.search.init_candidates = (1.0,)  # The sweep then just measures the loss at c = 1.
+  cfg.model.attention_impl = 'xla'  # The reference kernel; see the chunked search below.
   return cfg
 
 
@@ -72,13 +73,28 @@ def test_search_leaves_every_other_weight_bit_for_bit(base_run, search_run):
 
 def test_temperatures_are_clamped_at_the_minimum(search_run):
   _, workdir, _ = search_run
-  with open(os.path.join(workdir, 'temperatures.json')) as f:
-    temperatures = np.array(json.load(f)['temperatures'])
+  temperatures = read_temperatures(workdir)
   assert temperatures.shape == (2, 4)
   assert temperatures.min() >= 1.0
   # Started at 1.0: heads whose gradient pointed below 1 sit exactly on the bound.
   assert (temperatures == 1.0).any() and (temperatures > 1.0).any()
   assert os.path.getsize(os.path.join(workdir, 'temperatures.png')) > 0
+
+
+def read_temperatures(workdir):
+  with open(os.path.join(workdir, 'temperatures.json')) as f:
+    return np.array(json.load(f)['temperatures'])
+
+
+def test_search_with_the_chunked_kernel_ends_at_the_temperatures_of_xla(search_run, tfds_dir, base_run, tmp_path):
+  _, xla_workdir, _ = search_run
+  cfg = search_config(tfds_dir, base_run)
+  cfg.model.attention_impl = 'chunked'
+  cfg.model.attention_block = 24  # 64 tokens: blocks of 24, 24 and 16 padded to 24.
+  loop.run(cfg, str(tmp_path))
+  moved = np.abs(read_temperatures(xla_workdir) - 1.0).max()
+  assert moved > 0.05
+  np.testing.assert_allclose(read_temperatures(str(tmp_path)), read_temperatures(xla_workdir), atol=1e-3 * moved)
 
 
 def test_search_lowers_validation_loss_at_4x_the_training_length(search_run):

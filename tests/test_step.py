@@ -72,3 +72,18 @@ def test_eval_step_sums_loss_and_counts_tokens():
   total, count = jax.jit(step_lib.make_eval_step(cfg, graphdef))(state['params'], state['frozen'], batch)
   assert float(count) == 8 * 12
   np.testing.assert_allclose(float(total) / float(count), np.log(256), atol=0.05)  # Untrained: near uniform.
+
+
+def test_steps_place_tokens_at_the_batch_positions():
+  """RoPE models read batch['positions'] (packed documents restart them); spreading them changes the loss."""
+  cfg = small_config()
+  cfg.model.position = 'rope'
+  cfg.model.rope_theta = 100.0
+  graphdef, _, state = fresh_state(cfg)
+  eval_step = jax.jit(step_lib.make_eval_step(cfg, graphdef))
+  batch = make_batch(3)
+  total, _ = eval_step(state['params'], state['frozen'], batch)
+  shifted, _ = eval_step(state['params'], state['frozen'], dict(batch, positions=batch['positions'] + 5))
+  spread, _ = eval_step(state['params'], state['frozen'], dict(batch, positions=batch['positions'] * 3))
+  np.testing.assert_allclose(float(shifted), float(total), rtol=1e-5)  # Relative positions only.
+  assert abs(float(spread) - float(total)) > 1e-3
