@@ -114,7 +114,7 @@ def test_dry_run_sizes_the_1b_model_without_memory():
   assert report["optimizer_bytes_per_device"] == 2 * ((1_100_048_384 - 45 * 2048) * 4 // 8 + 45 * 2048 * 4) + 8
 
 
-def test_sigterm_finishes_the_step_saves_and_the_resumed_run_matches(full_run, tfds_dir, tmp_path, monkeypatch):
+def test_sigterm_finishes_the_step_saves_and_the_resumed_run_matches_logging_each_step_once(full_run, tfds_dir, tmp_path, monkeypatch):
   cfg, full_dir = full_run
   workdir = str(tmp_path)
   cfg = small_config(tfds_dir)
@@ -133,10 +133,16 @@ def test_sigterm_finishes_the_step_saves_and_the_resumed_run_matches(full_run, t
   assert logged['stopped_at'] == 7 and logged['step'] == 7
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # The run's handler is gone again.
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['7']
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:  # As if also killed at step 9, after checkpoint 7.
+    f.writelines(json.dumps({'step': s, 'loss': 0.0}) + '\n' for s in (8, 9))
   monkeypatch.setattr(data, 'global_batch', real_global_batch)
+  cfg.train.peak_flops_per_device = 2e9  # A changed config: kept beside the first one.
   loop.run(cfg, workdir)
-  assert [m['step'] for m in read_metrics(workdir)] == list(range(1, 41))
+  assert [m['step'] for m in read_metrics(workdir)] == list(range(1, 41))  # Each step once.
   assert losses(workdir, 8, 40) == losses(full_dir, 8, 40)  # Same process: bit for bit.
+  with open(os.path.join(workdir, 'config_history.jsonl')) as f:
+    history = [json.loads(line) for line in f]
+  assert [(h['start_step'], h['config']['train']['peak_flops_per_device']) for h in history] == [(0, 1e9), (7, 2e9)]
 
 
 def poison_batch(monkeypatch, at_calls):
@@ -244,24 +250,3 @@ def test_the_lock_of_a_dead_run_is_taken_over(tmp_path, monkeypatch):
                                                   'token': 'old', 'started': 'now'}))
   with pytest.raises(ConfigError, match='is in use by the run of pid 1 on elsewhere'):
     checkpoint.WorkdirLock(str(tmp_path)).__enter__()
-
-
-def test_each_step_is_logged_once_and_each_starts_config_kept(full_run, tfds_dir, tmp_path):
-  _, full_dir = full_run
-  workdir = str(tmp_path)
-  cfg = small_config(tfds_dir)
-  cfg.train.stop_after = 20
-  loop.run(cfg, workdir)
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:  # As if killed at step 23, after checkpoint 20.
-    f.writelines(json.dumps({'step': s, 'loss': 0.0}) + '\n' for s in (21, 22, 23))
-  cfg.train.stop_after = 0
-  cfg.train.log_every = 2  # A changed config is kept beside the first.
-  loop.run(cfg, workdir)
-  records = read_metrics(workdir)
-  assert [r['step'] for r in records] == list(range(1, 21)) + [21] + list(range(22, 41, 2))
-  assert 0.0 not in [r['loss'] for r in records]  # The killed start's lines after its checkpoint are gone.
-  with open(os.path.join(workdir, 'config_history.jsonl')) as f:
-    history = [json.loads(line) for line in f]
-  assert [(h['start_step'], h['config']['train']['log_every']) for h in history] == [(0, 1), (20, 2)]
-  with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f)['train']['log_every'] == 2
