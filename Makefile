@@ -2,15 +2,17 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+BENCH_VENV := .venv-bench
 # Eight simulated CPU devices, so the sharded code paths run without an accelerator.
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup setup-tpu demo test clean
+.PHONY: setup setup-tpu setup-bench demo test bench clean
 
 setup: $(VENV)/.installed
 setup-tpu: $(VENV)/.installed-tpu
+setup-bench: $(BENCH_VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -38,8 +40,19 @@ demo: setup
 	@echo "Search:      $(DEMO_DIR)/search (temperatures.json, temperatures.png, eval/report.md)"
 	@echo "Comparison:  $(DEMO_DIR)/compare (table and curves of the three)"
 
+# The PyTorch side of the benchmark lives in its own environment, never in the main one.
+$(BENCH_VENV)/.installed: requirements-bench.txt
+	test -d $(BENCH_VENV) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r requirements-bench.txt
+	touch $@
+
+# nopejax's train step (1 and 8 simulated devices) beside transformers' LlamaForCausalLM (bench/README.md).
+bench: setup setup-bench
+	$(PY) bench/vs_torch.py
+
 test: setup setup-tpu
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(BENCH_VENV) runs
