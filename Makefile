@@ -7,7 +7,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup setup-tpu demo test clean
+.PHONY: setup setup-tpu demo plan test clean
 
 setup: $(VENV)/.installed
 setup-tpu: $(VENV)/.installed-tpu
@@ -37,6 +37,13 @@ demo: setup
 	@echo "Pretraining: $(DEMO_DIR)/pretrain (metrics.jsonl, tensorboard/, checkpoints/, eval/report.md)"
 	@echo "Search:      $(DEMO_DIR)/search (temperatures.json, temperatures.png, eval/report.md)"
 	@echo "Comparison:  $(DEMO_DIR)/compare (table and curves of the three)"
+
+# Compile a config's train step for a TPU slice here and print what one chip holds (needs libtpu,
+# which setup-tpu installs; no TPU): make plan PLAN_CONFIG=configs/1b_search.py TOPOLOGY=v5e-8
+PLAN_CONFIG ?= configs/1b.py
+TOPOLOGY ?= v5e-256
+plan: setup setup-tpu
+	JAX_PLATFORMS=cpu $(PY) -m nopejax.plan --config $(PLAN_CONFIG) --topology $(TOPOLOGY)
 
 test: setup setup-tpu
 	$(PY) -m pytest -q
