@@ -8,7 +8,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup setup-tpu setup-bench demo test bench clean
+.PHONY: setup setup-tpu setup-bench demo plan test bench clean
 
 setup: $(VENV)/.installed
 setup-tpu: $(VENV)/.installed-tpu
@@ -50,6 +50,13 @@ $(BENCH_VENV)/.installed: requirements-bench.txt
 # nopejax's train step (1 and 8 simulated devices) beside transformers' LlamaForCausalLM (bench/README.md).
 bench: setup setup-bench
 	$(PY) bench/vs_torch.py
+
+# Compile a config's train step for a TPU slice here and print what one chip holds (needs libtpu,
+# which setup-tpu installs; no TPU): make plan PLAN_CONFIG=configs/1b_search.py TOPOLOGY=v5e-8
+PLAN_CONFIG ?= configs/1b.py
+TOPOLOGY ?= v5e-256
+plan: setup setup-tpu
+	JAX_PLATFORMS=cpu $(PY) -m nopejax.plan --config $(PLAN_CONFIG) --topology $(TOPOLOGY)
 
 test: setup setup-tpu
 	$(PY) -m pytest -q

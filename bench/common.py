@@ -12,7 +12,8 @@ sys.path.insert(0, str(ROOT))  # Run as `python bench/X.py` from anywhere.
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from nopejax import config, optim, sharding, step as step_lib  # noqa: E402
+from nopejax import config, plan, step as step_lib  # noqa: E402
+from nopejax.plan import abstract_batch, compiled_step  # noqa: E402,F401  (the benchmarks' names for them)
 
 
 def load_config(name):
@@ -20,33 +21,9 @@ def load_config(name):
   return config.from_file(ROOT / 'configs' / f'{name}.py')
 
 
-def abstract_batch(cfg, batch_sharding):
-  B, T = cfg.train.batch_size, cfg.data.seq_len
-  batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding)
-           for k in ('inputs', 'targets', 'segment_ids', 'positions')}
-  batch['loss_mask'] = jax.ShapeDtypeStruct((B, T), jnp.float32, sharding=batch_sharding)
-  return batch
-
-
 def tpu_devices(topology_name):
-  """The devices of a TPU slice such as 'v5e:2x4', from libtpu's topology description (no TPU needed)."""
-  from jax.experimental import topologies
-  return topologies.get_topology_desc(platform='tpu', topology_name=topology_name, chip_config_name='default',
-                                      chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
-
-
-def compiled_step(cfg, devices=None):
-  """(mesh, compiled train step, abstract state, abstract batch) for cfg, compiled ahead of time
-  for `devices` (default: the local ones; tpu_devices(...) compiles for a TPU slice)."""
-  mesh = sharding.make_mesh(cfg, devices)
-  tx = optim.make_optimizer(cfg)
-  with jax.set_mesh(mesh):
-    graphdef, abstract, shardings = step_lib.abstract_state(cfg, mesh, tx)
-    batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
-    batch = abstract_batch(cfg, batch_sharding)
-    step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
-                   out_shardings=(shardings, None), donate_argnums=0)
-    return mesh, step.lower(abstract, batch).compile(), (tx, shardings), batch
+  """The devices of a TPU slice such as 'v5e:2x4' (2D slices; nopejax.plan.parse_topology names any)."""
+  return plan.tpu_devices(topology_name)
 
 
 def memory_bytes(compiled) -> dict:
@@ -54,6 +31,19 @@ def memory_bytes(compiled) -> dict:
   stats = compiled.memory_analysis()
   return {'argument': stats.argument_size_in_bytes, 'output': stats.output_size_in_bytes,
           'temp': stats.temp_size_in_bytes, 'alias': stats.alias_size_in_bytes}
+
+
+def measure_matmul_flops(dtype, size=2048, repeats=5) -> float:
+  """Best FLOP/s of a square matmul on the first device: a practical peak where no data sheet applies."""
+  x = jnp.ones((size, size), dtype, device=jax.devices()[0])
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
 
 
 def time_step(cfg, steps=20, warmup=3) -> float:

@@ -3,7 +3,8 @@
   .venv/bin/python bench/train_throughput.py [CONFIG_NAME]     # default: tiny
 
 MFU counts 6 FLOPs per weight and token plus attention's 12 L T D (model.flops_per_token)
-against the peak metrics.peak_flops_per_device reports (on CPU: a measured matmul peak).
+against the peak metrics.peak_flops_per_device reports; where it knows none (CPU), against a
+measured matmul peak, which the training log does not use (it logs MFU unknown there).
 """
 import sys
 
@@ -15,7 +16,10 @@ from nopejax import metrics, model, sharding
 if __name__ == '__main__':
   name = sys.argv[1] if len(sys.argv) > 1 else 'tiny'
   cfg = common.load_config(name)
-  peak = metrics.peak_flops_per_device(cfg) * jax.device_count()
+  peak_per_device = metrics.peak_flops_per_device(cfg)
+  if peak_per_device is None:  # Simulated CPU devices share one host: each gets its share.
+    peak_per_device = common.measure_matmul_flops(cfg.model.dtype) / jax.local_device_count()
+  peak = peak_per_device * jax.device_count()
   seconds = common.time_step(cfg, steps=50)
   tokens_per_sec = cfg.train.batch_size * cfg.data.seq_len / seconds
   mfu = tokens_per_sec * model.flops_per_token(cfg) / peak

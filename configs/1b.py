@@ -22,7 +22,8 @@ def get_config():
   cfg.model.mlp_dim = 5632
   cfg.model.norm_eps = 1e-5
   cfg.model.dtype = 'bfloat16'
-  cfg.model.remat = True
+  cfg.model.remat = 'full'
+  cfg.model.scan_layers = True
   cfg.data.dataset = 'textdir'
   cfg.data.tokenizer = 'llama2.model'
   cfg.data.seq_len = 2048

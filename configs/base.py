@@ -27,7 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.model.tie_embeddings = False  # The output projection is the input embedding, transposed.
   cfg.model.temperature = 1.0  # Initial (or zero-shot uniform) multiplier c on q, every head.
   cfg.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'. Params stay float32.
-  cfg.model.remat = False  # Recompute each block's activations in the backward pass.
+  # What the backward pass recomputes of each block: 'none', 'full' (everything: least memory),
+  # 'save_dots' (keeps every matmul output), 'save_dots_no_batch' (keeps the projections' and the
+  # MLP's outputs, recomputes attention) or 'save_qkv_proj' (keeps q, k, v).
+  cfg.model.remat = 'none'
+  cfg.model.scan_layers = False  # Scan one block over the layers' stacked weights: compile time independent of depth.
   # Attention kernel: 'auto' (splash on TPU, cudnn on GPU where it applies, else chunked from
   # attention_chunked_from tokens and xla below), 'xla' (the reference, [T, T] logits), 'chunked'
   # (plain-JAX flash attention, memory linear in T), 'splash' (Pallas TPU) or 'cudnn' (GPU, bfloat16).
@@ -55,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.train.steps = 2000  # Length of the schedule.
   cfg.train.stop_after = 0  # Stop after this step as a preemption would; 0 = run to train.steps.
   cfg.train.batch_size = 32  # Global batch, in sequences.
+  cfg.train.microbatches = 1  # Gradients accumulated over this many slices of the batch in one step.
+  cfg.train.loss_chunk = 0  # Cross-entropy over this many positions at a time (no [B, T, vocab] logits at once); 0 = all.
   cfg.train.learning_rate = 2e-3
   cfg.train.warmup_steps = 100
   cfg.train.final_lr_fraction = 0.1  # Cosine decays to learning_rate * final_lr_fraction.
@@ -90,6 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
       ('temperature', None),
       ('seq', None),
       ('act_embed', None),
+      ('layers', None),  # The stacked weights' layer axis under model.scan_layers.
   )
 
   # Temperature search (train.trainable = 'temperature').

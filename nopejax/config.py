@@ -14,6 +14,7 @@ POSITIONS = ('nope', 'rope')
 DTYPES = ('float32', 'bfloat16')
 TRAINABLE = ('model', 'temperature')
 ATTENTION_IMPLS = ('auto', 'xla', 'chunked', 'splash', 'cudnn')
+REMAT = ('none', 'full', 'save_dots', 'save_dots_no_batch', 'save_qkv_proj')  # model.py: what each keeps.
 
 
 class ConfigError(ValueError):
@@ -28,6 +29,11 @@ def exit_with_sentence(message: str, code: int = 2):
   sys.stderr.flush()
   os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
   sys.exit(code)
+
+
+def remat_name(value) -> str:
+  """model.remat as one of REMAT; True and False (configs before the policies) mean 'full' and 'none'."""
+  return {True: 'full', False: 'none'}[value] if isinstance(value, bool) else value
 
 
 def head_dim(cfg) -> int:
@@ -91,6 +97,8 @@ def validate(cfg) -> None:
     raise ConfigError(
         f'model.position=rope needs an even head dimension and model.rope_theta > 1 (got {head_dim(cfg)} and '
         f'{m.rope_theta}); change model.head_dim or model.rope_theta.')
+  if remat_name(m.remat) not in REMAT:
+    raise ConfigError(f'model.remat={m.remat!r} is not one of {REMAT}; pick one of those.')
   if m.temperature <= 0:
     raise ConfigError(f'model.temperature={m.temperature} must be positive; set a value like 1.0 or 1.5.')
   t = cfg.train
@@ -103,6 +111,12 @@ def validate(cfg) -> None:
                       '(the cosine decay needs steps after it); lower train.warmup_steps.')
   if t.batch_size <= 0 or cfg.data.seq_len <= 0:
     raise ConfigError('train.batch_size and data.seq_len must be positive; set both to positive integers.')
+  if t.microbatches < 1 or t.batch_size % t.microbatches:
+    raise ConfigError(f'train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}; '
+                      'set it to a divisor of the batch (1 = no accumulation).')
+  if t.loss_chunk < 0 or (t.loss_chunk and cfg.data.seq_len > t.loss_chunk and cfg.data.seq_len % t.loss_chunk):
+    raise ConfigError(f'train.loss_chunk={t.loss_chunk} does not divide data.seq_len={cfg.data.seq_len}; '
+                      'set it to a divisor of the length, or 0 for the whole sequence at once.')
   for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
     if t[key] < 1:
       raise ConfigError(f'train.{key}={t[key]} must be at least 1; set it to a positive number of steps'
@@ -131,6 +145,8 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
         raise ConfigError(f'Unknown config key {prefix}{key}; every key is declared in configs/base.py, check the spelling there.')
       if isinstance(node[key], ml_collections.ConfigDict):
         overlay(node[key], value, f'{prefix}{key}.')
+      elif key == 'remat' and isinstance(value, bool):  # A bool before the policies (older config.json files).
+        node[key] = remat_name(value)
       else:
         node[key] = _as_tuples(value) if isinstance(node[key], tuple) else value
 

@@ -40,7 +40,7 @@ def run(cfg, workdir) -> dict:
   config.validate(cfg)
   mesh = sharding.make_mesh(cfg)
   tx = optim.make_optimizer(cfg)
-  peak_flops = metrics.peak_flops_per_device(cfg)  # Outside the mesh: it times one device alone.
+  peak_flops = metrics.peak_flops_per_device(cfg)  # None: MFU unknown on this device.
   last_step = min(cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
   is_search = cfg.train.trainable == 'temperature'
   if is_search and not cfg.search.base:

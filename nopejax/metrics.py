@@ -13,43 +13,35 @@ from etils import epath
 from nopejax import paths
 from nopejax.model import flops_per_token
 
-# Dense peak FLOP/s per device (bf16) by jax device_kind prefix, from the vendors' data sheets.
-PEAK_FLOPS = {
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,
-    'TPU v5e': 197e12,
-    'TPU v5p': 459e12,
-    'TPU v5': 459e12,
-    'TPU v6 lite': 918e12,
-    'TPU v6e': 918e12,
-    'NVIDIA H100': 989e12,
-    'NVIDIA H200': 989e12,
-    'NVIDIA A100': 312e12,
-}
+# Dense bf16 peak FLOP/s per device by jax device_kind prefix, from the vendors' data sheets; the
+# first matching prefix wins (so PCIe before the SXM default). TPU v4 and v5p count a chip (two
+# cores, one megacore device).
+PEAK_FLOPS = (
+    ('TPU v4', 275e12),
+    ('TPU v5 lite', 197e12),  # v5e.
+    ('TPU v5e', 197e12),
+    ('TPU v5p', 459e12),
+    ('TPU v5', 459e12),  # v5p reports itself as 'TPU v5'.
+    ('TPU v6 lite', 918e12),  # v6e (Trillium).
+    ('TPU v6e', 918e12),
+    ('NVIDIA A100', 312e12),  # SXM and PCIe alike.
+    ('NVIDIA H100 PCIe', 756e12),
+    ('NVIDIA H100', 989e12),  # SXM (e.g. 'NVIDIA H100 80GB HBM3').
+    ('NVIDIA H200', 989e12),
+    ('NVIDIA B200', 2250e12),
+)
 
 
-def measure_matmul_flops(dtype, size=2048, repeats=5) -> float:
-  """Best FLOP/s of a square matmul on the first device: the practical peak where no data sheet applies."""
-  x = jnp.ones((size, size), dtype, device=jax.devices()[0])
-  matmul = jax.jit(lambda a: a @ a)
-  matmul(x).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best
+def peak_flops_of(device_kind: str):
+  """The table's peak for a device kind, or None for a kind it does not know."""
+  return next((flops for prefix, flops in PEAK_FLOPS if device_kind.startswith(prefix)), None)
 
 
-def peak_flops_per_device(cfg) -> float:
+def peak_flops_per_device(cfg):
+  """train.peak_flops_per_device if set, else the table's; None (MFU unknown) for other devices."""
   if cfg.train.peak_flops_per_device:
     return cfg.train.peak_flops_per_device
-  kind = jax.devices()[0].device_kind
-  for prefix, flops in PEAK_FLOPS.items():
-    if kind.startswith(prefix):
-      return flops
-  # CPU (or unknown): simulated devices share one host, so each gets its share of the measured peak.
-  return measure_matmul_flops(jnp.dtype(cfg.model.dtype)) / jax.local_device_count()
+  return peak_flops_of(jax.devices()[0].device_kind)
 
 
 def format_duration(seconds: float) -> str:
@@ -179,7 +171,7 @@ class Throughput:
   def __init__(self, cfg, num_devices, peak_per_device):
     self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     self.flops_per_token = flops_per_token(cfg)
-    self.peak = peak_per_device * num_devices
+    self.peak = peak_per_device * num_devices if peak_per_device else None  # None: MFU unknown.
     self.start_time = self.start_step = None
     self.excluded = 0.0
 
@@ -195,8 +187,10 @@ class Throughput:
     seconds = (now - self.start_time - self.excluded) / (step - self.start_step)
     self.start_time, self.start_step, self.excluded = now, step, 0.0
     tokens_per_sec = self.tokens_per_step / seconds
-    return {'tokens_per_sec': tokens_per_sec, 'mfu': tokens_per_sec * self.flops_per_token / self.peak,
-            'sec_per_step': seconds}
+    report = {'tokens_per_sec': tokens_per_sec, 'sec_per_step': seconds}
+    if self.peak:
+      report['mfu'] = tokens_per_sec * self.flops_per_token / self.peak
+    return report
 
 
 def log_line(step, total_steps, values) -> str:
@@ -205,7 +199,8 @@ def log_line(step, total_steps, values) -> str:
     parts.append(f'eval_loss {values["eval_loss"]:.4f}')
   parts.append(f'lr {values["learning_rate"]:.3g}')
   if 'tokens_per_sec' in values:
-    parts += [f'tokens/s {values["tokens_per_sec"]:,.0f}', f'MFU {100 * values["mfu"]:.2f}%',
+    mfu = f'{100 * values["mfu"]:.2f}%' if 'mfu' in values else 'unknown (set train.peak_flops_per_device)'
+    parts += [f'tokens/s {values["tokens_per_sec"]:,.0f}', f'MFU {mfu}',
               f'ETA {format_duration(values["sec_per_step"] * (total_steps - step))}']
   line = ' | '.join(parts)
   logging.info(line)

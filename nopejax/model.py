@@ -7,6 +7,7 @@ Each attention layer owns a float32 `Temperature` of shape [num_heads], the mult
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from nopejax import attention, config, positions, sharding
 
@@ -56,6 +57,8 @@ class Attention(nnx.Module):
     v_BxTxKxDh = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.v_DxKxDh[...].astype(dt))
     q_BxTxHxDh, k_BxTxKxDh = positions.apply(self.position, self.rope_theta, q_BxTxHxDh, k_BxTxKxDh, positions_BxT)
     q_BxTxHxDh = attention.scale_queries(q_BxTxHxDh, self.temperature[...])
+    # Named so that model.remat='save_qkv_proj' keeps them for the backward pass.
+    q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = (checkpoint_name(a, 'qkv_proj') for a in (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh))
     q_BxTxHxDh = sharding.constrain(q_BxTxHxDh, ('batch', 'seq', 'heads', 'head_dim'), self.rules)
     return q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh
 
@@ -134,22 +137,42 @@ class Block(nnx.Module):
     return x_Bx1xD + self.mlp(self.mlp_norm(x_Bx1xD)), cache
 
 
-def _run_block(block, x_BxTxD, segment_ids_BxT, positions_BxT):
-  return block(x_BxTxD, segment_ids_BxT, positions_BxT)
+# model.remat (config.REMAT) -> what jax.checkpoint keeps of a block for the backward pass (None: nothing).
+REMAT_POLICIES = {
+    'full': None,  # Everything is recomputed: least memory.
+    'save_dots': jax.checkpoint_policies.dots_saveable,  # Every matmul output, attention logits included.
+    'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Projections and MLP, not attention.
+    'save_qkv_proj': jax.checkpoint_policies.save_only_these_names('qkv_proj'),  # q, k, v only.
+}
 
 
-def _run_block_rematerialized(block, x_BxTxD, segment_ids_BxT, positions_BxT):
-  """Runs a block under jax.checkpoint: its activations are recomputed in the backward pass.
+def _block_fn(graphdef, remat, prevent_cse=True):
+  """pure(block_state, x_BxTxD, segment_ids_BxT, positions_BxT) -> x_BxTxD, under model.remat.
 
   Plain jax.checkpoint over the block's split state, because nnx.remat writes variables back
   afterwards, which fails when the model was merged inside an outer jax.grad.
   """
-  graphdef, block_state = nnx.split(block)
-
   def pure_block(block_state, x_BxTxD, segment_ids_BxT, positions_BxT):
     return nnx.merge(graphdef, block_state)(x_BxTxD, segment_ids_BxT, positions_BxT)
 
-  return jax.checkpoint(pure_block)(block_state, x_BxTxD, segment_ids_BxT, positions_BxT)
+  remat = config.remat_name(remat)
+  if remat == 'none':
+    return pure_block
+  return jax.checkpoint(pure_block, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
+
+
+def _stack_blocks(blocks, rules):
+  """The blocks' states stacked along a leading `layers` axis (each weight [L, ...]), for the scan."""
+  states = [nnx.state(block) for block in blocks]
+
+  def stack(*variables):
+    stacked = jnp.stack([v[...] for v in variables])
+    axes = variables[0].get_metadata().get('axes')
+    if axes is not None:
+      stacked = sharding.constrain(stacked, ('layers',) + tuple(axes), rules)
+    return variables[0].replace(stacked)
+
+  return jax.tree.map(stack, *states, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 class Transformer(nnx.Module):
@@ -166,17 +189,40 @@ class Transformer(nnx.Module):
     self.dtype = jnp.dtype(m.dtype)
     self.rules = cfg.mesh.rules
     # Recomputing each block in the backward pass trades compute for activation memory.
-    self.run_block = _run_block_rematerialized if m.remat else _run_block
+    self.remat = config.remat_name(m.remat)
+    # One scanned block instead of L unrolled ones: the step compiles in time independent of L.
+    self.scan_layers = m.scan_layers
 
   def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None):
     """Packed documents: segment ids keep them apart, positions (default 0 .. T-1) place their tokens."""
+    return self.head(self.hidden(tokens_BxT, segment_ids_BxT, positions_BxT))
+
+  def hidden(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None):
+    """The last block's output x_BxTxD (logits = head(x)), as __call__ computes it."""
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.dtype)
-    for block in self.blocks:
+    graphdef = nnx.graphdef(self.blocks[0])
+    if self.scan_layers:
+      # The weights stay one variable per layer (checkpoints, evaluation and the search read them
+      # so); the step stacks them into [L, ...] arrays and scans one block over them. Only the
+      # carry leaves the scan body, never the weights.
+      block = _block_fn(graphdef, self.remat, prevent_cse=False)
+
+      def scan_body(x_BxTxD, block_state):
+        x_BxTxD = sharding.constrain(x_BxTxD, ('batch', 'seq', 'act_embed'), self.rules)
+        return block(block_state, x_BxTxD, segment_ids_BxT, positions_BxT), None
+
+      x_BxTxD, _ = jax.lax.scan(scan_body, x_BxTxD, _stack_blocks(self.blocks, self.rules))
+      return x_BxTxD
+    block = _block_fn(graphdef, self.remat)
+    for layer in self.blocks:
       x_BxTxD = sharding.constrain(x_BxTxD, ('batch', 'seq', 'act_embed'), self.rules)
-      x_BxTxD = self.run_block(block, x_BxTxD, segment_ids_BxT, positions_BxT)
-    return self.head(x_BxTxD)
+      if self.remat == 'none':
+        x_BxTxD = layer(x_BxTxD, segment_ids_BxT, positions_BxT)
+      else:
+        x_BxTxD = block(nnx.state(layer), x_BxTxD, segment_ids_BxT, positions_BxT)
+    return x_BxTxD
 
   # ------------------------------------------------------------------------------------------
   # Evaluation and decoding: one document per row, attention a query chunk at a time.
@@ -245,10 +291,16 @@ def count_params(state, variable_type=nnx.Param, exclude=Temperature) -> int:
 
 
 def flops_per_token(cfg) -> float:
-  """Training FLOPs per token (forward + backward): 6 per weight plus attention's 12 L T D' (PaLM, appendix B)."""
+  """Training FLOPs per token (forward + backward): 6 per weight plus attention's 12 L T D' (PaLM, appendix B).
+
+  The temperature search forms no weight gradient (its gradient runs over the temperatures only),
+  so a weight costs 4 there: forward, and the backward pass to the activations. Rematerialized
+  forward passes are not counted (model FLOPs, as MFU is defined).
+  """
   m = cfg.model
   D, F, V, L = m.embed_dim, m.mlp_dim, m.vocab_size, m.num_layers
   H, K, Dh, T = m.num_heads, m.num_kv_heads, config.head_dim(cfg), cfg.data.seq_len
   matmul_weights = L * (D * H * Dh * 2 + D * K * Dh * 2 + 3 * D * F) + D * V  # The embedding lookup is no matmul.
   # Causal attention does half the T^2 work, which the standard MFU formula does not subtract.
-  return 6.0 * matmul_weights + 12.0 * L * H * Dh * T
+  per_weight = 4.0 if cfg.train.trainable == 'temperature' else 6.0
+  return per_weight * matmul_weights + 12.0 * L * H * Dh * T

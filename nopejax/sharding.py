@@ -82,6 +82,12 @@ def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
     raise ConfigError(
         f'train.batch_size={cfg.train.batch_size} cannot be split over the {ways} devices of mesh axes {batch_axes} '
         f'that hold the batch; set train.batch_size to a multiple of {ways} or change the mesh.')
+  k = cfg.train.microbatches
+  if k > 1 and cfg.train.batch_size % (k * ways):
+    raise ConfigError(
+        f'train.batch_size={cfg.train.batch_size} in train.microbatches={k} gives microbatches that cannot be split '
+        f'over the {ways} devices of mesh axes {batch_axes}; set train.batch_size to a multiple of {k * ways} or '
+        'fewer microbatches.')
   # Auto axes: XLA propagates shardings between the annotated points (GSPMD style).
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices)
 

@@ -19,6 +19,35 @@ def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
   return jnp.sum(losses_BxT * mask_BxT), jnp.sum(mask_BxT)
 
 
+def chunked_cross_entropy(head, x_BxTxD, targets_BxT, mask_BxT, chunk):
+  """cross_entropy(head(x), ...) over `chunk` positions at a time: the float32 logits of one chunk
+  ([B, chunk, V]) exist at once, in the backward pass too (each chunk's are recomputed)."""
+  B, T, D = x_BxTxD.shape
+  n = T // chunk
+
+  def chunks(a):  # [B, T, ...] -> [n, B, chunk, ...], batch sharding kept.
+    return a.reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def chunk_sums(sums, inputs):
+    x_BxCxD, targets_BxC, mask_BxC = inputs
+    loss_sum, count = cross_entropy(head(x_BxCxD), targets_BxC, mask_BxC)
+    return (sums[0] + loss_sum, sums[1] + count), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (loss_sum, count), _ = jax.lax.scan(chunk_sums, (zero, zero), (chunks(x_BxTxD), chunks(targets_BxT), chunks(mask_BxT)))
+  return loss_sum, count
+
+
+def loss_sums(cfg, model, batch):
+  """(sum of next-token losses, token count) of a batch, the logits in train.loss_chunk pieces if set."""
+  x_BxTxD = model.hidden(batch['inputs'], _segments(cfg, batch), batch['positions'])
+  chunk = cfg.train.loss_chunk
+  if chunk and x_BxTxD.shape[1] > chunk:
+    return chunked_cross_entropy(model.head, x_BxTxD, batch['targets'], batch['loss_mask'], chunk)
+  return cross_entropy(model.head(x_BxTxD), batch['targets'], batch['loss_mask'])
+
+
 def _segments(cfg, batch):
   """Segment ids keep packed documents apart; batch['positions'] restart at each document then."""
   return batch['segment_ids'] if cfg.data.separate_documents else None
@@ -29,14 +58,32 @@ def make_train_step(cfg, graphdef, tx):
   schedule = optim.learning_rate_schedule(cfg)
   clamp = cfg.train.trainable == 'temperature'
 
-  def loss_fn(params, frozen, batch):
-    model = nnx.merge(graphdef, params, frozen)
-    logits_BxTxV = model(batch['inputs'], _segments(cfg, batch), batch['positions'])
-    loss_sum, count = cross_entropy(logits_BxTxV, batch['targets'], batch['loss_mask'])
-    return loss_sum / jnp.maximum(count, 1.0)
+  microbatches = cfg.train.microbatches
+
+  def loss_fn(params, frozen, batch, tokens):
+    """The batch's summed loss over the whole step's token count: summed over microbatches, the mean."""
+    return loss_sums(cfg, nnx.merge(graphdef, params, frozen), batch)[0] / tokens
+
+  def loss_and_grads(params, frozen, batch):
+    tokens = jnp.maximum(jnp.sum(batch['loss_mask']), 1.0)
+    if microbatches == 1:
+      return jax.value_and_grad(loss_fn)(params, frozen, batch, tokens)
+
+    # Microbatch i is rows i, i + k, i + 2k, ...: each device keeps its own rows, nothing moves.
+    def slices(a_BxT):
+      return a_BxT.reshape(a_BxT.shape[0] // microbatches, microbatches, *a_BxT.shape[1:]).swapaxes(0, 1)
+
+    def accumulate(sums, microbatch):
+      microbatch = {k: sharding.constrain(v, ('batch', 'seq'), cfg.mesh.rules) for k, v in microbatch.items()}
+      loss, grads = jax.value_and_grad(loss_fn)(params, frozen, microbatch, tokens)
+      return jax.tree.map(jnp.add, sums, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(slices, batch))
+    return loss, grads
 
   def train_step(state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(state['params'], state['frozen'], batch)
+    loss, grads = loss_and_grads(state['params'], state['frozen'], batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -62,9 +109,7 @@ def make_eval_step(cfg, graphdef):
   """Returns eval_step(params, frozen, batch) -> (loss sum, token count)."""
 
   def eval_step(params, frozen, batch):
-    model = nnx.merge(graphdef, params, frozen)
-    logits_BxTxV = model(batch['inputs'], _segments(cfg, batch), batch['positions'])
-    return cross_entropy(logits_BxTxV, batch['targets'], batch['loss_mask'])
+    return loss_sums(cfg, nnx.merge(graphdef, params, frozen), batch)
 
   return eval_step
 

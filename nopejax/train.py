@@ -7,12 +7,10 @@ SLURM, Open MPI, Kubernetes), or by hand on any machines:
   python -m nopejax.train ... --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
 """
 import logging as logging_std
-import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/tiny.py.', lock_config=True)
+from nopejax import cli
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the saved config.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the model abstractly, print mesh, size and bytes per device, exit.')
 _COORDINATOR = flags.DEFINE_string(
@@ -29,54 +27,12 @@ class _QuietLibraries(logging_std.Filter):
         f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'jax', 'tensorflow_datasets'))
 
 
-def _parse_flags(argv):
-  """absl flag parsing, but a bad flag or config override ends in one sentence and exit code 2."""
-  from nopejax import config
-  for arg in argv[1:]:
-    if arg.startswith('--config.'):
-      key = arg[len('--config.'):].split('=')[0]
-      if not config.is_declared(key):
-        _fail(f'Unknown config key {key}; every key is declared in configs/base.py, check the spelling there.')
-  _check_config_file(argv)
-  try:
-    argv = flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    _fail(f'{" ".join(str(e).split())}; check the flag against configs/base.py.')
-  if _CONFIG.value is None:
-    _fail('No --config given; pass one, e.g. --config configs/tiny.py.')
-  try:
-    _CONFIG.value.keys()  # config_flags loads the file lazily; make a missing file fail here.
-  except OSError:
-    _fail(f'Cannot load the config file {flags.FLAGS["config"].config_filename}; pass an existing file such as configs/tiny.py.')
-  return argv
-
-
-def _check_config_file(argv) -> None:
-  """Runs the --config file's get_config() once, so a syntax error or a failing get_config() is one
-  sentence instead of config_flags' traceback."""
-  from nopejax import config
-  for i, arg in enumerate(argv[1:], 1):
-    path = arg.split('=', 1)[1] if arg.startswith('--config=') else argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None
-    if path and os.path.isfile(path):
-      try:
-        config.from_file(path)
-      except Exception as e:  # Whatever the file raises.
-        where, detail = (f' at line {e.lineno}', e.msg) if isinstance(e, SyntaxError) else ('', str(e))
-        _fail(f'The config file {path} fails{where} ({type(e).__name__}: {" ".join(detail.split())[:200]}); '
-              'fix it so that its get_config() returns the config.')
-
-
-def _fail(message, code=2):
-  from nopejax import config
-  config.exit_with_sentence(message, code)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}; every setting is a --config.key=value flag.')
   from nopejax import config, loop, sharding  # After flag parsing, so XLA_FLAGS set in the environment apply.
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  cfg = _CONFIG.value
+  cfg = cli.CONFIG.value
   try:
     sharding.join_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _DRY_RUN.value:
@@ -87,10 +43,10 @@ def main(argv):
     logging.info('Workdir %s', _WORKDIR.value)
     loop.run(cfg, _WORKDIR.value)
   except config.ConfigError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   except FloatingPointError as e:
-    _fail(str(e), code=1)
+    cli.fail(str(e), code=1)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -38,6 +38,23 @@ def test_restore_onto_another_mesh_gives_the_same_arrays(trained):
   assert embed.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
 
 
+def test_a_checkpoint_restores_into_scanned_layers_and_trains_on(trained):
+  # Scanned or not, the layers' weights are stored one variable per layer: the same checkpoint
+  # restores into either, and the scanned step continues from it.
+  cfg, workdir = trained
+  plain, _ = restore_on(cfg, workdir, (8, 1, 1))
+  cfg.model.scan_layers, cfg.model.remat = True, 'full'
+  scanned, _ = restore_on(cfg, workdir, (8, 1, 1))
+  jax.tree.map(np.testing.assert_array_equal, plain['params'], scanned['params'])
+  batch = next(data.train_iterator(cfg))
+  losses = []
+  for scan_layers, state in ((False, plain), (True, scanned)):
+    cfg.model.scan_layers = scan_layers
+    graphdef = step_lib.abstract_state(cfg, sharding.make_mesh(cfg), optim.make_optimizer(cfg))[0]
+    losses.append(float(jax.jit(step_lib.make_eval_step(cfg, graphdef))(state['params'], state['frozen'], batch)[0]))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
 def test_load_matches_the_restored_train_state(trained):
   cfg, workdir = trained
   state, _ = restore_on(cfg, workdir, (8, 1, 1))

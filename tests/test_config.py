@@ -42,6 +42,9 @@ def test_base_config_is_valid_and_locked():
      'search.init=0.8 is below search.min_temperature=1.0, so the first update would clamp it'),
     ({'search__init': 'warm'}, "search.init='warm' is neither a number nor 'auto'"),
     ({'search__base': 'runs/x'}, "search.base is set but train.trainable is 'model'"),
+    ({'model__remat': 'dots'}, "model.remat='dots' is not one of"),
+    ({'train__microbatches': 5}, 'train.microbatches=5 does not divide train.batch_size=32'),
+    ({'train__loss_chunk': 48}, 'train.loss_chunk=48 does not divide data.seq_len=64'),
 ])
 def test_bad_values_name_the_key(changes, message):
   with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('.', r'\.')):
@@ -67,6 +70,8 @@ def test_saved_config_round_trips_with_tuples_and_rejects_unknown_keys():
   assert restored == cfg and isinstance(restored.mesh.rules[0][1], tuple)
   with pytest.raises(ConfigError, match='Unknown config key train.stepz'):
     config.from_dict({'train': {'stepz': 1}})
+  # model.remat was a bool before its policies: such a config.json still loads.
+  assert config.from_dict({'model': {'remat': True}}).model.remat == 'full'
 
 
 def test_is_declared():

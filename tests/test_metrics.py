@@ -35,12 +35,28 @@ def test_throughput_reports_tokens_per_second_and_mfu(monkeypatch):
   assert report['mfu'] == pytest.approx(256 * model.flops_per_token(cfg) / 8e9)
 
 
-def test_peak_flops_from_config_table_or_measurement(monkeypatch):
+def test_peak_flops_from_config_or_table_and_unknown_otherwise():
   cfg = small_config()
   assert metrics.peak_flops_per_device(cfg) == 1e9  # Configured.
   cfg.train.peak_flops_per_device = 0.0
-  monkeypatch.setattr(metrics, 'measure_matmul_flops', lambda dtype: 8e11)
-  assert metrics.peak_flops_per_device(cfg) == 1e11  # CPU: the host's measured peak shared by 8 devices.
+  assert metrics.peak_flops_per_device(cfg) is None  # CPU: no data-sheet peak, so MFU is unknown.
+  assert metrics.peak_flops_of('TPU v5 lite') == 197e12 and metrics.peak_flops_of('TPU v5') == 459e12
+  assert metrics.peak_flops_of('NVIDIA H100 PCIe') == 756e12 and metrics.peak_flops_of('NVIDIA H100 80GB HBM3') == 989e12
+  throughput = metrics.Throughput(cfg, num_devices=8, peak_per_device=None)
+  throughput.report(1)
+  report = throughput.report(2)
+  assert 'mfu' not in report
+  assert 'MFU unknown' in metrics.log_line(2, 10, {'loss': 2.0, 'learning_rate': 1e-3, **report})
+
+
+def test_search_flops_count_no_weight_gradients():
+  cfg = small_config()
+  pretrain = model.flops_per_token(cfg)
+  cfg.train.trainable = 'temperature'
+  m = cfg.model
+  weights = m.num_layers * (2 * m.embed_dim * m.embed_dim + 2 * m.embed_dim * m.num_kv_heads * 16 + 3 * m.embed_dim * m.mlp_dim) \
+      + m.embed_dim * m.vocab_size
+  assert pretrain - model.flops_per_token(cfg) == 2 * weights
 
 
 def test_log_line_has_eta():

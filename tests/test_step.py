@@ -64,6 +64,20 @@ def test_search_step_clips_by_the_temperatures_norm_and_clamps():
   jax.tree.map(np.testing.assert_array_equal, new_state['frozen'], state['frozen'])
 
 
+def test_microbatches_and_loss_chunks_give_the_whole_batch_step():
+  cfg = small_config()
+  graphdef, tx, state = fresh_state(cfg)
+  batch = make_batch(2)
+  batch['loss_mask'] = batch['loss_mask'].at[:3, :5].set(0.0)  # Uneven token counts across microbatches.
+  whole_state, whole = jax.jit(step_lib.make_train_step(cfg, graphdef, tx))(state, batch)
+  cfg.train.microbatches, cfg.train.loss_chunk = 4, 4
+  micro_state, micro = jax.jit(step_lib.make_train_step(cfg, graphdef, tx))(state, batch)
+  np.testing.assert_allclose(micro['loss'], whole['loss'], rtol=1e-6)
+  np.testing.assert_allclose(micro['grad_norm'], whole['grad_norm'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(micro_state['params']), jax.tree.leaves(whole_state['params'])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_eval_step_sums_loss_and_counts_tokens():
   cfg = small_config()
   graphdef, _, state = fresh_state(cfg)
