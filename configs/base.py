@@ -22,8 +22,18 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.model.mlp_dim = 384  # SwiGLU hidden width.
   cfg.model.norm_eps = 1e-5
   cfg.model.init_std = 0.02
-  cfg.model.position = 'nope'  # 'nope' (none) or 'rope' (rotary, Llama's rotate-half layout).
+  cfg.model.position = 'nope'  # 'nope' (none), 'rope' (rotary, Llama's rotate-half layout) or 'alibi' (bias -m_h (i - j)).
   cfg.model.rope_theta = 10000.0  # RoPE base b: dims pair m turns by position * b^(-2m / head_dim).
+  # RoPE scaling for lengths past original_length L (pe_methods.md): 'none', 'linear' (position
+  # interpolation), 'ntk', 'dynamic' (dynamic NTK), 'yarn' (with its attention factor) or 'llama3'.
+  cfg.model.rope_scaling = 'none'
+  cfg.model.rope_scaling_factor = 1.0  # s; 0 = each forward's own length / L (zero-shot at every evaluated length).
+  cfg.model.original_length = 0  # L that rope_scaling and logn refer to; 0 = data.seq_len.
+  cfg.model.yarn_beta_fast = 32.0  # YaRN: dims turning more than this many times over L keep their frequency...
+  cfg.model.yarn_beta_slow = 1.0  # ... fewer than this many times are interpolated by s; a ramp between.
+  cfg.model.llama3_low_freq_factor = 1.0  # Llama 3: wavelengths over L / this are interpolated by s...
+  cfg.model.llama3_high_freq_factor = 4.0  # ... under L / this kept; a blend between.
+  cfg.model.logn = False  # Log-n scaling: q_i *= max(1, ln(i + 1) / ln L), with any position encoding.
   cfg.model.tie_embeddings = False  # The output projection is the input embedding, transposed.
   cfg.model.temperature = 1.0  # Initial (or zero-shot uniform) multiplier c on q, every head.
   cfg.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'. Params stay float32.

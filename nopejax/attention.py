@@ -4,15 +4,18 @@ Scaling q (not the logits, not k) keeps any fused attention kernel usable unchan
 cached keys unscaled; q * c_h then the usual 1/sqrt(d) gives logits * c_h / sqrt(d).
 
 Kernels (`model.attention_impl`), all causal with packed documents masked apart by segment ids and
-grouped-query heads (head h reads kv head h // (H/K)):
+grouped-query heads (head h reads kv head h // (H/K)); all but splash and cudnn also add a bias on
+the logits (ALiBi, positions.bias), evaluated from positions block by block:
   xla      jax.nn.dot_product_attention: forms the [B, H, T, T] logits; the reference.
   chunked  plain JAX flash attention: blocks of queries against blocks of keys with an online
            softmax and a custom VJP that saves only the output and the log-sum-exp per query, so
            memory grows linearly with T forward and backward. Runs on every backend.
   splash   the Pallas TPU splash attention kernel, under shard_map over the mesh.
   cudnn    cuDNN's fused attention on GPU (bfloat16, causal, no segment mask).
-  auto     splash on TPU, cudnn on GPU where it applies, else chunked from a length threshold, xla below.
+  auto     splash on TPU, cudnn on GPU where it applies, else chunked from a length threshold, xla below;
+           with a bias, chunked in place of splash and cudnn (they take no bias here).
 """
+import functools
 import math
 
 import jax
@@ -48,10 +51,12 @@ def cudnn_unsupported(dtype, head_dim, has_segments) -> str:
   return ''
 
 
-def choose(implementation, platform, seq_len, dtype, head_dim, has_segments, chunked_from):
+def choose(implementation, platform, seq_len, dtype, head_dim, has_segments, chunked_from, has_bias=False):
   """(kernel, reason): what `implementation` means on `platform` ('cpu', 'gpu', 'tpu') for this shape."""
   if implementation != 'auto':
     return implementation, f'model.attention_impl={implementation!r}'
+  if has_bias and platform in ('tpu', 'gpu'):
+    return 'chunked', f'the fused kernel on {platform} takes no bias on the logits (model.position=alibi)'
   if platform == 'tpu':
     return 'splash', 'the Pallas splash kernel is the fused attention on TPU'
   if platform == 'gpu':
@@ -69,7 +74,7 @@ def kernel_for_run(cfg, platform):
   """(kernel, reason) for a run's config on `platform`; ConfigError where the chosen kernel cannot run there."""
   m = cfg.model
   kernel, reason = choose(m.attention_impl, platform, cfg.data.seq_len, m.dtype, config.head_dim(cfg),
-                          cfg.data.separate_documents, m.attention_chunked_from)
+                          cfg.data.separate_documents, m.attention_chunked_from, has_bias=m.position == 'alibi')
   if kernel == 'cudnn' and platform != 'gpu':
     raise config.ConfigError(f"model.attention_impl='cudnn' needs a GPU but this run's devices are {platform}; "
                              'set model.attention_impl=auto or chunked.')
@@ -87,16 +92,27 @@ def current_platform() -> str:
 
 
 def attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, implementation='xla',
-           block_size=512, chunked_from=1024, rules=None):
+           block_size=512, chunked_from=1024, rules=None, positions_BxT=None, bias=None):
   """Causal attention with grouped-query heads (K divides H); documents masked apart by segment ids.
 
-  q arrives already multiplied by the temperature; every kernel applies 1/sqrt(Dh) and nothing else.
+  q arrives already multiplied by the temperature; every kernel applies 1/sqrt(Dh), then adds
+  `bias` if given: (fn, params) with fn(params, q_positions_BxQ, k_positions_BxS) -> bias_BxHxQxS,
+  evaluated at `positions_BxT` (positions.bias).
   """
   B, T, H, Dh = q_BxTxHxDh.shape
   kernel, _ = choose(implementation, current_platform(), T, q_BxTxHxDh.dtype, Dh,
-                     segment_ids_BxT is not None, chunked_from)
+                     segment_ids_BxT is not None, chunked_from, has_bias=bias is not None)
+  if bias is not None and positions_BxT is None:
+    positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
   if kernel == 'chunked':
-    return flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, block_size)
+    return flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, block_size, positions_BxT, bias)
+  if bias is not None:
+    if kernel in ('splash', 'cudnn'):
+      raise ValueError(f'the {kernel} kernel takes no bias on the logits; use model.attention_impl=auto, chunked or xla.')
+    fn, params = bias
+    mask = None if segment_ids_BxT is None else segment_mask(segment_ids_BxT)
+    return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, bias=fn(params, positions_BxT, positions_BxT),
+                                        mask=mask, is_causal=True, implementation='xla')
   if kernel == 'splash':
     return splash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, block_size, rules)
   if kernel == 'cudnn':
@@ -127,11 +143,21 @@ def _from_blocks(x_NxBxCx___):
   return x_NxBxCx___.swapaxes(0, 1).reshape(B, N * C, *x_NxBxCx___.shape[3:])
 
 
-def _block_logits(q_BxCxKxGxD, k_BxCxKxD, i, j, segq_BxC, segk_BxC):
-  """Scaled logits of query block i against key block j, -inf where masked: s_BxKxGxCqxCk (float32)."""
+def _block_bias(bias, q_positions_BxC, k_positions_BxC, K, G):
+  """The bias hook for one block pair, shaped as the logits: bias_BxKxGxCqxCk float32."""
+  fn, params = bias
+  bias_BxHxCxC = fn(params, q_positions_BxC, k_positions_BxC)
+  B, _, Cq, Ck = bias_BxHxCxC.shape
+  return bias_BxHxCxC.reshape(B, K, G, Cq, Ck)
+
+
+def _block_logits(q_BxCxKxGxD, k_BxCxKxD, i, j, segq_BxC, segk_BxC, bias_BxKxGxCxC=None):
+  """Scaled (and biased) logits of query block i against key block j, -inf where masked: s_BxKxGxCqxCk (float32)."""
   C, D = q_BxCxKxGxD.shape[1], q_BxCxKxGxD.shape[-1]
   s = jnp.einsum('bqkgd,bskd->bkgqs', q_BxCxKxGxD, k_BxCxKxD, preferred_element_type=jnp.float32)
   s = s * (1.0 / math.sqrt(D))
+  if bias_BxKxGxCxC is not None:
+    s = s + bias_BxKxGxCxC
   visible_CxC = (i * C + jnp.arange(C))[:, None] >= (j * C + jnp.arange(C))[None, :]
   visible = visible_CxC[None, None, None]
   if segq_BxC is not None:
@@ -139,7 +165,7 @@ def _block_logits(q_BxCxKxGxD, k_BxCxKxD, i, j, segq_BxC, segk_BxC):
   return jnp.where(visible, s, -jnp.inf)
 
 
-def _flash_forward(q_NxBxCxKxGxD, k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC):
+def _flash_forward(q_NxBxCxKxGxD, k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC, pos_NxBxC, bias_fn, bias_params):
   """(out_NxBxCxKxGxD in v's dtype, lse_NxBxKxGxC float32)."""
   N, B, C, K, G, D = q_NxBxCxKxGxD.shape
 
@@ -149,7 +175,8 @@ def _flash_forward(q_NxBxCxKxGxD, k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC):
     def key_block(j, carry):
       max_BxKxGxC, total_BxKxGxC, acc_BxKxGxCxD = carry
       segk = None if seg_NxBxC is None else seg_NxBxC[j]
-      s = _block_logits(q_BxCxKxGxD, k_NxBxCxKxD[j], i, j, segq_BxC, segk)
+      bias_block = None if bias_fn is None else _block_bias((bias_fn, bias_params), pos_NxBxC[i], pos_NxBxC[j], K, G)
+      s = _block_logits(q_BxCxKxGxD, k_NxBxCxKxD[j], i, j, segq_BxC, segk, bias_block)
       new_max = jnp.maximum(max_BxKxGxC, jnp.max(s, axis=-1))
       # A row with no visible key yet keeps max -inf; shift it by 0 so exp gives 0, not NaN.
       shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
@@ -170,62 +197,77 @@ def _flash_forward(q_NxBxCxKxGxD, k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC):
   return jax.lax.map(query_block, (jnp.arange(N), q_NxBxCxKxGxD, seg))
 
 
-def _flash_backward(q_NxBxCxKxGxD, k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC, out_NxBxCxKxGxD, lse_NxBxKxGxC, dout):
-  """Gradients for q, k, v: key blocks outside, the query blocks that see each key block inside."""
+def _flash_backward(q_NxBxCxKxGxD, k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC, pos_NxBxC, bias_fn, bias_params,
+                    out_NxBxCxKxGxD, lse_NxBxKxGxC, dout):
+  """Gradients for q, k, v and the bias params: key blocks outside, the query blocks that see each key block inside."""
   N, B, C, K, G, D = q_NxBxCxKxGxD.shape
   scale = 1.0 / math.sqrt(D)
   # delta_i = sum_d dout * out = sum_j p_ij dp_ij, the softmax's correction term.
   delta_NxBxKxGxC = jnp.einsum('nbqkgd,nbqkgd->nbkgq', dout.astype(jnp.float32), out_NxBxCxKxGxD.astype(jnp.float32))
 
-  def key_block(dq_NxBxCxKxGxD, args):
+  def key_block(carry, args):
+    dq_NxBxCxKxGxD, dparams = carry
     j, k_BxCxKxD, v_BxCxKxD = args
     segk = None if seg_NxBxC is None else seg_NxBxC[j]
 
     def query_block(i, carry):
-      dq, dk_BxCxKxD, dv_BxCxKxD = carry
+      dq, dparams, dk_BxCxKxD, dv_BxCxKxD = carry
       q_i, dout_i = q_NxBxCxKxGxD[i], dout[i]
       segq = None if seg_NxBxC is None else seg_NxBxC[i]
-      s = _block_logits(q_i, k_BxCxKxD, i, j, segq, segk)
+      bias_block, bias_vjp = None, None
+      if bias_fn is not None:
+        bias_block, bias_vjp = jax.vjp(lambda params: _block_bias((bias_fn, params), pos_NxBxC[i], pos_NxBxC[j], K, G),
+                                       bias_params)
+      s = _block_logits(q_i, k_BxCxKxD, i, j, segq, segk, bias_block)
       p = jnp.exp(s - lse_NxBxKxGxC[i][..., None])  # Masked logits are -inf: p = 0 there.
       dv_BxCxKxD = dv_BxCxKxD + jnp.einsum('bkgqs,bqkgd->bskd', p.astype(dout.dtype), dout_i,
                                            preferred_element_type=jnp.float32)
       dp = jnp.einsum('bqkgd,bskd->bkgqs', dout_i, v_BxCxKxD, preferred_element_type=jnp.float32)
-      ds = p * (dp - delta_NxBxKxGxC[i][..., None]) * scale
+      dlogits = p * (dp - delta_NxBxKxGxC[i][..., None])  # The gradient of the biased logits.
+      if bias_vjp is not None:
+        dparams = jax.tree.map(jnp.add, dparams, bias_vjp(dlogits)[0])
+      ds = dlogits * scale
       dq_i = jnp.einsum('bkgqs,bskd->bqkgd', ds.astype(k_BxCxKxD.dtype), k_BxCxKxD, preferred_element_type=jnp.float32)
       dk_BxCxKxD = dk_BxCxKxD + jnp.einsum('bkgqs,bqkgd->bskd', ds.astype(q_i.dtype), q_i,
                                            preferred_element_type=jnp.float32)
-      return dq.at[i].add(dq_i), dk_BxCxKxD, dv_BxCxKxD
+      return dq.at[i].add(dq_i), dparams, dk_BxCxKxD, dv_BxCxKxD
 
     zeros = jnp.zeros((B, C, K, D), jnp.float32)
-    dq_NxBxCxKxGxD, dk, dv = jax.lax.fori_loop(j, N, query_block, (dq_NxBxCxKxGxD, zeros, zeros))
-    return dq_NxBxCxKxGxD, (dk, dv)
+    dq_NxBxCxKxGxD, dparams, dk, dv = jax.lax.fori_loop(j, N, query_block, (dq_NxBxCxKxGxD, dparams, zeros, zeros))
+    return (dq_NxBxCxKxGxD, dparams), (dk, dv)
 
   dq0 = jnp.zeros(q_NxBxCxKxGxD.shape, jnp.float32)
-  dq, (dk_NxBxCxKxD, dv_NxBxCxKxD) = jax.lax.scan(key_block, dq0, (jnp.arange(N), k_NxBxCxKxD, v_NxBxCxKxD))
-  return dq, dk_NxBxCxKxD, dv_NxBxCxKxD
+  dparams0 = jax.tree.map(jnp.zeros_like, bias_params)
+  (dq, dparams), (dk_NxBxCxKxD, dv_NxBxCxKxD) = jax.lax.scan(
+      key_block, (dq0, dparams0), (jnp.arange(N), k_NxBxCxKxD, v_NxBxCxKxD))
+  return dq, dk_NxBxCxKxD, dv_NxBxCxKxD, dparams
 
 
-@jax.custom_vjp
-def _flash_blocks(q, k, v, seg):
-  return _flash_forward(q, k, v, seg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash_blocks(q, k, v, seg, pos, bias_fn, bias_params):
+  return _flash_forward(q, k, v, seg, pos, bias_fn, bias_params)[0]
 
 
-def _flash_blocks_fwd(q, k, v, seg):
-  out, lse = _flash_forward(q, k, v, seg)
-  return out, (q, k, v, seg, out, lse)
+def _flash_blocks_fwd(q, k, v, seg, pos, bias_fn, bias_params):
+  out, lse = _flash_forward(q, k, v, seg, pos, bias_fn, bias_params)
+  return out, (q, k, v, seg, pos, bias_params, out, lse)
 
 
-def _flash_blocks_bwd(residuals, dout):
-  q, k, v, seg, out, lse = residuals
-  dq, dk, dv = _flash_backward(q, k, v, seg, out, lse, dout)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+def _flash_blocks_bwd(bias_fn, residuals, dout):
+  q, k, v, seg, pos, bias_params, out, lse = residuals
+  dq, dk, dv, dparams = _flash_backward(q, k, v, seg, pos, bias_fn, bias_params, out, lse, dout)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, dparams
 
 
 _flash_blocks.defvjp(_flash_blocks_fwd, _flash_blocks_bwd)
 
 
-def flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, block_size=512):
-  """The `chunked` kernel: same result as `attend(..., implementation='xla')`, memory linear in T."""
+def flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, block_size=512,
+                    positions_BxT=None, bias=None):
+  """The `chunked` kernel: same result as `attend(..., implementation='xla')`, memory linear in T.
+
+  A bias (see `attend`) is evaluated per block pair from the positions, never as a [T, T] tensor.
+  """
   B, T, H, Dh = q_BxTxHxDh.shape
   K = k_BxTxKxDh.shape[2]
   C = min(block_size, T)
@@ -237,7 +279,14 @@ def flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, bl
   seg_NxBxC = None
   if segment_ids_BxT is not None:
     seg_NxBxC = _to_blocks(jnp.pad(segment_ids_BxT, ((0, 0), (0, N * C - T))), N)
-  out_NxBxCxKxGxD = _flash_blocks(_to_blocks(q_BxPxKxGxD, N), k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC)
+  bias_fn, bias_params, pos_NxBxC = None, None, None
+  if bias is not None:
+    bias_fn, bias_params = bias
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    pos_NxBxC = _to_blocks(jnp.pad(positions_BxT, ((0, 0), (0, N * C - T))), N)
+  out_NxBxCxKxGxD = _flash_blocks(_to_blocks(q_BxPxKxGxD, N), k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC, pos_NxBxC,
+                                  bias_fn, bias_params)
   return _from_blocks(out_NxBxCxKxGxD).reshape(B, N * C, H, Dh)[:, :T]
 
 
@@ -297,18 +346,22 @@ def splash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, b
 # exists at once: memory grows linearly with the length, not with its square.
 
 
-def attend_rows(q_BxCxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxC, with_entropy=True):
+def attend_rows(q_BxCxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxC, with_entropy=True, bias=None):
   """Causal attention of C queries over S keys, in float32; query at position p sees keys 0..p.
 
   Returns (y_BxCxHxDh in v's dtype, entropy_BxHxC in nats or None). Keys past a query's
   position are masked, so a KV cache may hold anything there. Head h reads kv head h // (H/K),
-  as jax.nn.dot_product_attention does.
+  as jax.nn.dot_product_attention does. `bias` as in `attend`, keys at positions 0 .. S-1.
   """
   B, C, H, Dh = q_BxCxHxDh.shape
   S, K = k_BxSxKxDh.shape[1], k_BxSxKxDh.shape[2]
   q_BxCxKxGxDh = q_BxCxHxDh.astype(jnp.float32).reshape(B, C, K, H // K, Dh) / jnp.sqrt(jnp.float32(Dh))
   logits_BxKxGxCxS = jnp.einsum('bckgd,bskd->bkgcs', q_BxCxKxGxDh, k_BxSxKxDh.astype(jnp.float32),
                                 precision=jax.lax.Precision.HIGHEST)
+  if bias is not None:
+    fn, params = bias
+    bias_BxHxCxS = fn(params, positions_BxC, jnp.broadcast_to(jnp.arange(S), (B, S)))
+    logits_BxKxGxCxS = logits_BxKxGxCxS + bias_BxHxCxS.reshape(B, K, H // K, C, S)
   visible_Bx1x1xCxS = (jnp.arange(S)[None, None, :] <= positions_BxC[:, :, None])[:, None, None]
   logits_BxKxGxCxS = jnp.where(visible_Bx1x1xCxS, logits_BxKxGxCxS, -jnp.inf)
   # Key 0 is visible to every query, so the row maximum is finite.
@@ -328,7 +381,7 @@ def attend_rows(q_BxCxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxC, with_entropy=
   return y_BxCxHxDh, entropy_BxKxGxC.reshape(B, H, C)
 
 
-def attend_chunked(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, query_chunk, with_entropy=True):
+def attend_chunked(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, query_chunk, with_entropy=True, bias=None):
   """Causal self-attention `query_chunk` queries at a time (jax.lax.map over chunks), in float32.
 
   Same result as `attend` without segments; also returns the attention entropy of every head at
@@ -345,7 +398,7 @@ def attend_chunked(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, query_chunk, with_entropy
   def one_chunk(chunk):
     q_BxCxHxDh, positions_C = chunk
     positions_BxC = jnp.broadcast_to(positions_C, (B, C))
-    return attend_rows(q_BxCxHxDh, k_BxTxKxDh, v_BxTxKxDh, positions_BxC, with_entropy)
+    return attend_rows(q_BxCxHxDh, k_BxTxKxDh, v_BxTxKxDh, positions_BxC, with_entropy, bias)
 
   y_NxBxCxHxDh, entropy_NxBxHxC = jax.lax.map(one_chunk, (q_NxBxCxHxDh, positions_NxC))
   y_BxTxHxDh = y_NxBxCxHxDh.swapaxes(0, 1).reshape(B, num_chunks * C, H, Dh)[:, :T]

@@ -9,8 +9,8 @@ import ml_collections
 from etils import epath
 
 from configs import base
+from nopejax.positions import POSITIONS, ROPE_SCALINGS
 
-POSITIONS = ('nope', 'rope')
 DTYPES = ('float32', 'bfloat16')
 TRAINABLE = ('model', 'temperature')
 ATTENTION_IMPLS = ('auto', 'xla', 'chunked', 'splash', 'cudnn')
@@ -99,6 +99,22 @@ def validate(cfg) -> None:
         f'{m.rope_theta}); change model.head_dim or model.rope_theta.')
   if remat_name(m.remat) not in REMAT:
     raise ConfigError(f'model.remat={m.remat!r} is not one of {REMAT}; pick one of those.')
+  if m.rope_scaling not in ROPE_SCALINGS:
+    raise ConfigError(f'model.rope_scaling={m.rope_scaling!r} is not one of {ROPE_SCALINGS}; pick one of those.')
+  if m.rope_scaling != 'none' and m.position != 'rope':
+    raise ConfigError(f'model.rope_scaling={m.rope_scaling!r} scales RoPE but model.position={m.position!r}; '
+                      "set model.position=rope or model.rope_scaling=none.")
+  if not (m.rope_scaling_factor == 0 or m.rope_scaling_factor >= 1) or m.original_length < 0:
+    raise ConfigError(f'model.rope_scaling_factor={m.rope_scaling_factor} must be at least 1 (or 0 for each length / L) '
+                      f'and model.original_length={m.original_length} not negative; set e.g. 4.0 and 2048.')
+  if not 0 < m.yarn_beta_slow < m.yarn_beta_fast or not 0 < m.llama3_low_freq_factor < m.llama3_high_freq_factor:
+    raise ConfigError('model.yarn_beta_slow < model.yarn_beta_fast and model.llama3_low_freq_factor < '
+                      'model.llama3_high_freq_factor must hold, all positive; keep the defaults (1, 32 and 1, 4).')
+  if m.logn and (m.original_length or cfg.data.seq_len) < 2:
+    raise ConfigError('model.logn divides by ln L, which needs model.original_length (or data.seq_len) of at least 2; set it.')
+  if m.position == 'alibi' and m.attention_impl in ('splash', 'cudnn'):
+    raise ConfigError(f"model.attention_impl={m.attention_impl!r} takes no bias on the logits, which model.position=alibi "
+                      'adds; set model.attention_impl=auto (chunked on TPU and GPU then), chunked or xla.')
   if m.temperature <= 0:
     raise ConfigError(f'model.temperature={m.temperature} must be positive; set a value like 1.0 or 1.5.')
   t = cfg.train

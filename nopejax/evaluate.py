@@ -28,6 +28,7 @@ from flax import nnx
 
 import nopejax
 from nopejax import checkpoint, config, data, paths
+from nopejax import model as model_lib
 from nopejax.config import ConfigError
 
 # The paper's passkey prompt (method.md, section 5), byte for byte.
@@ -38,8 +39,12 @@ PASSKEY_NEEDLE = '\nThe pass key is {key}. Remember it. {key} is the pass key.\n
 PASSKEY_QUESTION = '\nWhat is the pass key? The pass key is'
 
 # Keys an evaluation may override; the rest describe the trained model and come from its workdir.
+# The position keys are the zero-shot extensions (RoPE scalings, log-n): they change no parameter.
+POSITION_OVERRIDES = ('model.rope_scaling', 'model.rope_scaling_factor', 'model.original_length',
+                      'model.yarn_beta_fast', 'model.yarn_beta_slow', 'model.llama3_low_freq_factor',
+                      'model.llama3_high_freq_factor', 'model.logn')
 _OVERRIDABLE = ('model.temperature', 'data.dataset', 'data.text_dir', 'data.text_key', 'data.tfds_dir',
-                'data.tokenizer')
+                'data.tokenizer') + POSITION_OVERRIDES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,9 +393,23 @@ def _set_key(cfg, dotted, value):
   node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
 
 
-def default_out_dir(workdir, temperature=None) -> epath.Path:
-  """WORKDIR/eval, or WORKDIR/eval_c1.5 for a uniform temperature override of 1.5."""
-  return paths.resolve(workdir) / ('eval' if temperature is None else f'eval_c{temperature:g}')
+def _position_suffix(position_overrides) -> str:
+  """'_rope_scaling=yarn_logn=True' for position overrides, '' for none."""
+  return ''.join(f'_{key.split(".")[-1]}={value:g}' if isinstance(value, float) else f'_{key.split(".")[-1]}={value}'
+                 for key, value in sorted(position_overrides.items()))
+
+
+def default_out_dir(workdir, temperature=None, position_overrides=None) -> epath.Path:
+  """WORKDIR/eval, WORKDIR/eval_c1.5 for a uniform temperature override of 1.5, and the position
+  overrides appended (WORKDIR/eval_rope_scaling=yarn)."""
+  name = 'eval' if temperature is None else f'eval_c{temperature:g}'
+  return paths.resolve(workdir) / (name + _position_suffix(position_overrides or {}))
+
+
+def with_position_overrides(model, cfg):
+  """The model rebuilt for cfg's position settings (RoPE scaling, log-n) with the same parameters."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(cfg, nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.state(model))
 
 
 def _band_means(values, pretrain_length) -> dict:
@@ -417,16 +436,21 @@ def evaluate(workdir, overrides=None, out=None) -> dict:
   overrides = dict(overrides or {})
   check_overrides(overrides)
   temperature = overrides.pop('model.temperature', None)
+  position_overrides = {key: value for key, value in overrides.items() if key in POSITION_OVERRIDES}
   model, cfg = nopejax.load(workdir, temperature)
   for key, value in overrides.items():
     _set_key(cfg, key, value)
+  if position_overrides:
+    config.validate(cfg)
+    model = with_position_overrides(model, cfg)
   info = _run_info(workdir, cfg)
   lengths, stride = eval_lengths(cfg, info['pretrain_length'])
   e = cfg.eval
   tokenizer = data.make_tokenizer(cfg)
   documents = _CachedDocuments(data.documents(cfg, e.split))
-  out = paths.resolve(out) if out else default_out_dir(workdir, temperature)
-  label = paths.resolve(workdir).name + ('' if temperature is None else f' c={temperature:g}')
+  out = paths.resolve(out) if out else default_out_dir(workdir, temperature, position_overrides)
+  label = (paths.resolve(workdir).name + ('' if temperature is None else f' c={temperature:g}')
+           + _position_suffix(position_overrides).replace('_', ' ', 1))
   logging.info('Evaluating %s (%s, step %d) at lengths %s, stride %d -> %s', workdir, info['kind'], info['step'],
                lengths, stride, out)
 

@@ -1,5 +1,6 @@
 """The decoder: Llama-style blocks (RMSNorm, grouped-query attention, SwiGLU); no position encoding
-by default, or RoPE (`model.position`), applied to q and k before the attention kernel.
+by default, or RoPE (and its scalings) or ALiBi (`model.position`, positions.py): rotations and
+multipliers act on q and k before the attention kernel, a bias on the logits inside it.
 
 Every parameter names its logical axes (`axes=`) so sharding.py can place it on any mesh.
 Each attention layer owns a float32 `Temperature` of shape [num_heads], the multiplier c_h on q.
@@ -47,15 +48,20 @@ class Attention(nnx.Module):
     self.implementation = m.attention_impl
     self.block_size = m.attention_block
     self.chunked_from = m.attention_chunked_from
-    self.position, self.rope_theta = m.position, float(m.rope_theta)
+    self.encoding = positions.from_config(cfg)
+    self.num_heads = H
 
-  def qkv(self, x_BxTxD, positions_BxT):
-    """Projections, with the position encoding applied to q and k and the temperature to q."""
+  def qkv(self, x_BxTxD, positions_BxT, length=None):
+    """Projections, with the position encoding applied to q and k and the temperature to q.
+
+    length: the context length that dynamic scalings read (default T; the cache length when decoding).
+    """
     dt = self.dtype
     q_BxTxHxDh = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.q_DxHxDh[...].astype(dt))
     k_BxTxKxDh = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.k_DxKxDh[...].astype(dt))
     v_BxTxKxDh = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.v_DxKxDh[...].astype(dt))
-    q_BxTxHxDh, k_BxTxKxDh = positions.apply(self.position, self.rope_theta, q_BxTxHxDh, k_BxTxKxDh, positions_BxT)
+    q_BxTxHxDh, k_BxTxKxDh = positions.apply(self.encoding, q_BxTxHxDh, k_BxTxKxDh, positions_BxT,
+                                             length or x_BxTxD.shape[1])
     q_BxTxHxDh = attention.scale_queries(q_BxTxHxDh, self.temperature[...])
     # Named so that model.remat='save_qkv_proj' keeps them for the backward pass.
     q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = (checkpoint_name(a, 'qkv_proj') for a in (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh))
@@ -65,21 +71,26 @@ class Attention(nnx.Module):
   def out(self, y_BxTxHxDh):
     return jnp.einsum('bthk,hkd->btd', y_BxTxHxDh, self.o_HxDhxD[...].astype(self.dtype))
 
+  def bias(self):
+    """The logits' bias hook (ALiBi) or None; see attention.attend."""
+    return positions.bias(self.encoding, self.num_heads)
+
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
     q, k, v = self.qkv(x_BxTxD, positions_BxT)
     return self.out(attention.attend(q, k, v, segment_ids_BxT, self.implementation, self.block_size,
-                                     self.chunked_from, self.rules))
+                                     self.chunked_from, self.rules, positions_BxT, self.bias()))
 
-  def forward_chunked(self, x_BxTxD, query_chunk, with_entropy=False):
+  def forward_chunked(self, x_BxTxD, query_chunk, with_entropy=False, length=None):
     """One sequence per row (no segments), `query_chunk` queries at a time: memory linear in T.
 
     Returns (out_BxTxD, entropy_BxHxT or None, k_BxTxKxDh, v_BxTxKxDh). The keys are unscaled (the
     temperature multiplies q only), so they can fill a KV cache that any temperature can read;
-    with RoPE they are rotated by their positions 0 .. T-1, as the cache needs them.
+    with RoPE they are rotated by their positions 0 .. T-1, as the cache needs them (for the cache's
+    `length`, which dynamic scalings read).
     """
     positions_BxT = jnp.broadcast_to(jnp.arange(x_BxTxD.shape[1]), x_BxTxD.shape[:2])
-    q, k, v = self.qkv(x_BxTxD, positions_BxT)
-    y_BxTxHxDh, entropy_BxHxT = attention.attend_chunked(q, k, v, query_chunk, with_entropy)
+    q, k, v = self.qkv(x_BxTxD, positions_BxT, length)
+    y_BxTxHxDh, entropy_BxHxT = attention.attend_chunked(q, k, v, query_chunk, with_entropy, self.bias())
     return self.out(y_BxTxHxDh), entropy_BxHxT, k, v
 
   def decode(self, x_Bx1xD, cache, index_B):
@@ -88,10 +99,11 @@ class Attention(nnx.Module):
     cache = {'k': k_BxSxKxDh, 'v': v_BxSxKxDh}; entries past a row's index are ignored.
     Returns (out_Bx1xD, updated cache).
     """
-    q_Bx1xHxDh, k_Bx1xKxDh, v_Bx1xKxDh = self.qkv(x_Bx1xD, index_B[:, None])
+    q_Bx1xHxDh, k_Bx1xKxDh, v_Bx1xKxDh = self.qkv(x_Bx1xD, index_B[:, None], cache['k'].shape[1])
     cache = {'k': attention.write_cache(cache['k'], k_Bx1xKxDh[:, 0], index_B),
              'v': attention.write_cache(cache['v'], v_Bx1xKxDh[:, 0], index_B)}
-    y_Bx1xHxDh, _ = attention.attend_rows(q_Bx1xHxDh, cache['k'], cache['v'], index_B[:, None], with_entropy=False)
+    y_Bx1xHxDh, _ = attention.attend_rows(q_Bx1xHxDh, cache['k'], cache['v'], index_B[:, None], with_entropy=False,
+                                          bias=self.bias())
     return self.out(y_Bx1xHxDh), cache
 
 
@@ -123,10 +135,10 @@ class Block(nnx.Module):
     x_BxTxD = x_BxTxD + self.attention(self.attention_norm(x_BxTxD), segment_ids_BxT, positions_BxT)
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
 
-  def forward_chunked(self, x_BxTxD, query_chunk, with_entropy=False):
+  def forward_chunked(self, x_BxTxD, query_chunk, with_entropy=False, length=None):
     """The block on the long-context path: (x_BxTxD, entropy_BxHxT or None, k, v); see Attention."""
     y_BxTxD, entropy_BxHxT, k, v = self.attention.forward_chunked(
-        self.attention_norm(x_BxTxD), query_chunk, with_entropy)
+        self.attention_norm(x_BxTxD), query_chunk, with_entropy, length)
     x_BxTxD = x_BxTxD + y_BxTxD
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), entropy_BxHxT, k, v
 
@@ -233,11 +245,11 @@ class Transformer(nnx.Module):
     head_DxV = self.embed_VxD[...].T if self.tie_embeddings else self.head_DxV[...]
     return jnp.einsum('btd,dv->btv', x_BxTxD, head_DxV.astype(self.dtype)).astype(jnp.float32)
 
-  def _forward_chunked(self, tokens_BxT, query_chunk, with_entropy):
+  def _forward_chunked(self, tokens_BxT, query_chunk, with_entropy, length=None):
     x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.dtype)
     entropies, caches = [], []
     for block in self.blocks:
-      x_BxTxD, entropy_BxHxT, k_BxTxKxDh, v_BxTxKxDh = block.forward_chunked(x_BxTxD, query_chunk, with_entropy)
+      x_BxTxD, entropy_BxHxT, k_BxTxKxDh, v_BxTxKxDh = block.forward_chunked(x_BxTxD, query_chunk, with_entropy, length)
       entropies.append(entropy_BxHxT)
       caches.append({'k': k_BxTxKxDh, 'v': v_BxTxKxDh})
     entropy_LxBxHxT = jnp.stack(entropies) if with_entropy else None
@@ -261,7 +273,7 @@ class Transformer(nnx.Module):
     right-padded: a row whose prompt has P < T tokens continues with decode(..., index P), which
     overwrites the padding's cache entries before any query can see them.
     """
-    x_BxTxD, _, caches = self._forward_chunked(tokens_BxT, query_chunk, with_entropy=False)
+    x_BxTxD, _, caches = self._forward_chunked(tokens_BxT, query_chunk, with_entropy=False, length=cache_len)
     extra = cache_len - tokens_BxT.shape[1]
     caches = [{name: jnp.pad(c, ((0, 0), (0, extra), (0, 0), (0, 0))) for name, c in cache.items()}
               for cache in caches]

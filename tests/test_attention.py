@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from nopejax import attention
+from nopejax import attention, positions
 from nopejax.config import ConfigError
 
 
@@ -173,6 +173,41 @@ def test_kernel_matches_xla_in_outputs_and_gradients(kernel, heads, kv_heads, le
     assert_close(got, want, rtol)
 
 
+def test_a_bias_on_the_logits_is_the_same_in_every_kernel_with_its_gradients():
+  """ALiBi's bias from packed positions: xla adds it to the [T, T] logits, chunked per block (with the
+  gradient of the bias's own parameters, here the slopes, through the custom VJP), attend_rows per
+  query chunk; a reference adds the bias written out."""
+  q, k, v, _, segment_ids = packed_inputs(4, 2, 37, jnp.float32)
+  starts = segment_ids != jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1]
+  index = jnp.broadcast_to(jnp.arange(37), (2, 37))
+  positions_BxT = index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # Restart at each document.
+  slopes = positions.alibi_slopes(4)
+  i, j = np.asarray(positions_BxT)[:, :, None], np.asarray(positions_BxT)[:, None, :]
+  written_out = -np.asarray(slopes)[None, :, None, None] * (i - j)[:, None]
+  assert written_out[np.broadcast_to((i >= j)[:, None], written_out.shape)].max() <= 0
+  weights = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
+
+  def loss(kernel, q, k, v, slopes):
+    y = attention.attend(q, k, v, segment_ids, kernel, 16, positions_BxT=positions_BxT,
+                         bias=(positions.alibi_bias, slopes))
+    return jnp.sum(y * weights), y
+
+  (_, y_xla), grads_xla = jax.value_and_grad(functools.partial(loss, 'xla'), argnums=(0, 1, 2, 3), has_aux=True)(
+      q, k, v, slopes)
+  (_, y_chunked), grads_chunked = jax.jit(jax.value_and_grad(functools.partial(loss, 'chunked'), argnums=(0, 1, 2, 3),
+                                                             has_aux=True))(q, k, v, slopes)
+  expected = jax.nn.dot_product_attention(q, k, v, bias=jnp.asarray(written_out, jnp.float32),
+                                          mask=attention.segment_mask(segment_ids), is_causal=True)
+  assert_close(y_xla, expected, 1e-5)
+  assert_close(y_chunked, expected, 1e-5)
+  assert float(jnp.abs(grads_xla[3]).max()) > 0
+  for name, got, want in zip(('q', 'k', 'v', 'slopes'), grads_chunked, grads_xla):
+    assert_close(got, want, 1e-4)
+  # The long path: one document per row, positions 0 .. T-1.
+  y_rows, _ = attention.attend_chunked(q, k, v, 8, with_entropy=False, bias=(positions.alibi_bias, slopes))
+  assert_close(y_rows, attention.attend(q, k, v, None, 'chunked', 16, bias=(positions.alibi_bias, slopes)), 1e-5)
+
+
 def test_chunked_without_segments_is_plain_causal_attention():
   q, k, v, _, _ = packed_inputs(8, 2, 45, jnp.float32)
   assert_close(attention.attend(q, k, v, None, 'chunked', 16), reference_attention(q, k, v, jnp.ones((2, 45))), 1e-5)
@@ -215,6 +250,8 @@ def test_auto_picks_the_kernel_by_platform_shape_and_dtype():
   kernel, reason = attention.choose('auto', 'cpu', 256, jnp.float32, 64, True, 2048)
   assert kernel == 'xla' and '256 tokens < model.attention_chunked_from=2048' in reason
   assert attention.choose('chunked', 'tpu', 8, jnp.float32, 64, True, 2048)[0] == 'chunked'  # Explicit wins.
+  kernel, reason = choose(platform='tpu', dtype=jnp.float32, has_segments=True, has_bias=True)
+  assert kernel == 'chunked' and 'no bias' in reason  # ALiBi: splash takes no bias.
 
 
 def test_cudnn_is_refused_off_gpu_with_a_sentence():

@@ -24,6 +24,25 @@ def rope_config(seed_theta=100.0):
   return cfg
 
 
+def position_config(method):
+  """small_config with a position method: 'nope', 'rope', 'alibi', or RoPE scalings past an original
+  length of 8 tokens ('yarn_logn': YaRN at each forward's length / 8 with log-n; 'dynamic')."""
+  if method == 'nope':
+    return small_config()
+  cfg = rope_config()
+  cfg.model.original_length = 8
+  if method == 'alibi':
+    cfg.model.position = 'alibi'
+  elif method == 'yarn_logn':
+    cfg.model.rope_scaling, cfg.model.rope_scaling_factor, cfg.model.logn = 'yarn', 0.0, True
+  elif method == 'dynamic':
+    cfg.model.rope_scaling, cfg.model.rope_scaling_factor = 'dynamic', 2.0
+  return cfg
+
+
+POSITION_METHODS = ['nope', 'rope', 'alibi', 'yarn_logn', 'dynamic']
+
+
 def test_logits_shape_dtype_and_grouped_query_heads():
   cfg = small_config()
   m = make(cfg)
@@ -167,24 +186,35 @@ def test_flops_per_token_counts_matmul_weights_and_attention():
   assert model.flops_per_token(cfg) == 6 * weights + 12 * L * D * T
 
 
-@pytest.mark.parametrize('position', ['nope', 'rope'])
+@pytest.mark.parametrize('position', POSITION_METHODS)
 def test_chunked_forward_equals_the_training_forward(position):
-  m = make(rope_config() if position == 'rope' else small_config())
+  """The long-context path, the xla kernel and the chunked kernel (blocks of 8, padded) agree for every
+  position method, packed documents included."""
+  cfg = position_config(position)
+  m = make(cfg)
   for block in m.blocks:
     block.attention.temperature[...] = jnp.array([1.0, 1.3, 1.6, 2.0])
   tokens = jax.random.randint(jax.random.key(4), (2, 21), 0, 256)
   x, entropy = nnx.jit(lambda m, t: m.forward_chunked(t, 8, with_entropy=True))(m, tokens)
   np.testing.assert_allclose(m.head(x), forward(m, tokens), atol=1e-5)
+  segments = jnp.array([[1] * 9 + [2] * 12, [1] * 21])
+  packed_positions = jnp.array([list(range(9)) + list(range(12)), list(range(21))])
+  cfg.model.attention_impl, cfg.model.attention_block = 'chunked', 8
+  chunked = make(cfg)
+  nnx.update(chunked, nnx.state(m))
+  np.testing.assert_allclose(forward(chunked, tokens, segments, packed_positions),
+                             forward(m, tokens, segments, packed_positions), atol=1e-5)
   assert entropy.shape == (2, 2, 4, 21)  # [layers, batch, heads, positions]
   # Every entropy lies in [0, ln i] at 1-based position i.
   assert np.all(entropy >= -1e-6) and np.all(entropy <= np.log(np.arange(1, 22)) + 1e-5)
 
 
-@pytest.mark.parametrize('position', ['nope', 'rope'])
+@pytest.mark.parametrize('position', POSITION_METHODS)
 def test_cached_decoding_equals_the_full_forward_pass(position):
   """Prefill of right-padded prompts of different lengths, then one token at a time with the KV cache
-  (with RoPE the cache holds keys rotated by their positions, and each new query by its index)."""
-  m = make(rope_config() if position == 'rope' else small_config(), seed=1)
+  (with RoPE the cache holds keys rotated by their positions, and each new query by its index; length-
+  dependent scalings read the cache's length, here the full forward's)."""
+  m = make(position_config(position), seed=1)
   for block in m.blocks:
     block.attention.temperature[...] = jnp.array([1.0, 1.5, 2.0, 1.2])  # The cache holds unscaled keys.
   tokens = jax.random.randint(jax.random.key(5), (2, 24), 0, 256)

@@ -1,8 +1,13 @@
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nopejax import positions
+
+ROPE = positions.Encoding(position='rope', rope_theta=10000.0)
 
 
 def test_inverse_frequencies_follow_the_formula():
@@ -29,7 +34,8 @@ def test_rope_logits_depend_only_on_the_position_difference():
   k = jax.random.normal(jax.random.key(2), (1, 1, 2, 16))
 
   def logit(i, j):
-    q_i, k_j = positions.apply('rope', 10000.0, q, k, jnp.array([[i]]))[0], positions.apply('rope', 10000.0, q, k, jnp.array([[j]]))[1]
+    q_i = positions.apply(ROPE, q, k, jnp.array([[i]]), 1)[0]
+    k_j = positions.apply(ROPE, q, k, jnp.array([[j]]), 1)[1]
     return jnp.sum(q_i * k_j, axis=-1)
 
   for i, j, shift in ((5, 2, 11), (9, 9, 300), (30, 0, 7)):
@@ -39,5 +45,100 @@ def test_rope_logits_depend_only_on_the_position_difference():
 
 def test_nope_leaves_q_and_k_alone():
   q, k = jnp.ones((1, 3, 2, 4)), jnp.full((1, 3, 1, 4), 2.0)
-  q_out, k_out = positions.apply('nope', 10000.0, q, k, jnp.zeros((1, 3), jnp.int32))
+  q_out, k_out = positions.apply(positions.Encoding(), q, k, jnp.zeros((1, 3), jnp.int32), 3)
   assert q_out is q and k_out is k
+
+
+def test_linear_and_ntk_follow_their_formulas():
+  """PI: theta_m / s; NTK: theta_m of the base b s^(d/(d-2)); factor 0 takes s = length / L per forward."""
+  d, b, s = 16, 10000.0, 4.0
+  theta = b ** (-2.0 * np.arange(d // 2) / d)
+  linear = positions.Encoding(position='rope', rope_scaling='linear', rope_scaling_factor=s, original_length=32)
+  np.testing.assert_allclose(positions.inverse_frequencies(linear, d, 128), theta / s, rtol=1e-6)
+  ntk = positions.Encoding(position='rope', rope_scaling='ntk', rope_scaling_factor=s, original_length=32)
+  np.testing.assert_allclose(positions.inverse_frequencies(ntk, d, 128),
+                             (b * s ** (d / (d - 2))) ** (-2.0 * np.arange(d // 2) / d), rtol=1e-5)
+  per_length = positions.Encoding(position='rope', rope_scaling='linear', rope_scaling_factor=0, original_length=32)
+  np.testing.assert_allclose(positions.inverse_frequencies(per_length, d, 256), theta / 8, rtol=1e-6)
+  np.testing.assert_allclose(positions.inverse_frequencies(per_length, d, 16), theta, rtol=1e-6)  # s >= 1.
+
+
+def test_yarn_inverse_frequencies_and_attention_factor_match_the_formula():
+  d, b, s, L = 64, 10000.0, 8.0, 512
+  yarn = positions.Encoding(position='rope', rope_scaling='yarn', rope_scaling_factor=s, original_length=L)
+  got = np.asarray(positions.inverse_frequencies(yarn, d, 4096))
+  # Written out per dim from pe_methods.md: d_r = d ln(L / (2 pi r)) / (2 ln b), ramp over dim indices.
+  d_r = lambda r: d * math.log(L / (2 * math.pi * r)) / (2 * math.log(b))
+  low, high = math.floor(d_r(32)), math.ceil(d_r(1))
+  assert 0 < low < high < d // 2  # This case exercises all three regimes.
+  for m in range(d // 2):
+    theta_m = b ** (-2 * m / d)
+    ramp = min(max((m - low) / (high - low), 0.0), 1.0)
+    assert math.isclose(got[m], theta_m / s * ramp + theta_m * (1 - ramp), rel_tol=1e-5)
+  assert got[0] == np.float32(1.0) and math.isclose(got[-1], b ** (-2 * (d // 2 - 1) / d) / s, rel_tol=1e-5)
+  # The logits grow by (0.1 ln s + 1)^2 through q; nothing at s = 1.
+  scale = positions.query_scale(yarn, jnp.zeros((1, 3), jnp.int32), 4096)
+  np.testing.assert_allclose(scale, (0.1 * math.log(8) + 1) ** 2, rtol=1e-6)
+  per_length = dataclasses.replace(yarn, rope_scaling_factor=0)
+  assert positions.query_scale(per_length, jnp.zeros((1, 3), jnp.int32), L) is None
+
+
+def test_llama3_inverse_frequencies_match_the_formula():
+  d, b, s, L = 128, 500000.0, 8.0, 8192
+  llama3 = positions.Encoding(position='rope', rope_theta=b, rope_scaling='llama3', rope_scaling_factor=s,
+                              original_length=L, llama3_low_freq_factor=1.0, llama3_high_freq_factor=4.0)
+  got = np.asarray(positions.inverse_frequencies(llama3, d, 4 * L))
+  regimes = set()
+  for m in range(d // 2):
+    theta_m = b ** (-2 * m / d)
+    wavelength = 2 * math.pi / theta_m
+    if wavelength < L / 4:
+      expected, regime = theta_m, 'kept'
+    elif wavelength > L / 1:
+      expected, regime = theta_m / s, 'divided'
+    else:
+      smooth = (L / wavelength - 1) / (4 - 1)
+      expected, regime = (1 - smooth) * theta_m / s + smooth * theta_m, 'blended'
+    regimes.add(regime)
+    assert math.isclose(got[m], expected, rel_tol=1e-5), m
+  assert regimes == {'kept', 'divided', 'blended'}
+
+
+def test_dynamic_ntk_is_plain_rope_within_the_training_length():
+  d, L = 16, 64
+  dynamic = positions.Encoding(position='rope', rope_scaling='dynamic', rope_scaling_factor=2.0, original_length=L)
+  plain = positions.rope_inverse_frequencies(d, 10000.0)
+  for length in (1, 17, L):
+    np.testing.assert_array_equal(positions.inverse_frequencies(dynamic, d, length), plain)
+  b = 10000.0 * (2.0 * 256 / L - 1) ** (d / (d - 2))
+  np.testing.assert_allclose(positions.inverse_frequencies(dynamic, d, 256),
+                             b ** (-2.0 * np.arange(d // 2) / d), rtol=1e-5)
+
+
+def test_logn_is_exactly_one_within_the_training_length_then_ln_i_over_ln_L():
+  L = 64
+  p = jnp.arange(4 * L)[None]
+  scale = np.asarray(positions.logn_scale(p, L))[0]
+  np.testing.assert_array_equal(scale[:L], 1.0)
+  np.testing.assert_allclose(scale[L:], np.log(np.arange(L, 4 * L) + 1) / np.log(L), rtol=1e-6)
+  # Through apply, for a method without rotation: q scaled per position, k untouched.
+  q, k = jnp.ones((1, 4 * L, 2, 4)), jnp.ones((1, 4 * L, 1, 4))
+  q_out, k_out = positions.apply(positions.Encoding(logn=True, original_length=L), q, k, p, 4 * L)
+  np.testing.assert_allclose(q_out[0, :, 0, 0], scale, rtol=1e-6)
+  assert k_out is k
+
+
+def test_alibi_slopes_for_8_and_12_heads():
+  np.testing.assert_allclose(positions.alibi_slopes(8), [2.0 ** -h for h in range(1, 9)], rtol=1e-7)
+  # 12 heads: the 8-head slopes, then every other slope of 16 heads (2^-0.5, 2^-1.5, ...) for the 4 others.
+  np.testing.assert_allclose(positions.alibi_slopes(12),
+                             [2.0 ** -h for h in range(1, 9)] + [2.0 ** -(h + 0.5) for h in range(4)], rtol=1e-7)
+
+
+def test_alibi_bias_is_minus_slope_times_distance():
+  slopes = positions.alibi_slopes(4)
+  bias = np.asarray(positions.alibi_bias(slopes, jnp.array([[0, 3, 5]]), jnp.array([[0, 1, 2, 3]])))
+  assert bias.shape == (1, 4, 3, 4)
+  i, j = np.array([0, 3, 5])[:, None], np.arange(4)[None]
+  for h in range(4):
+    np.testing.assert_allclose(bias[0, h], -float(slopes[h]) * (i - j), rtol=1e-6)
