@@ -2,7 +2,7 @@
 and without scan over layers, and memory and FLOPs per chip by remat policy.
 
   .venv/bin/python bench/plan_1b.py compile [TOPOLOGY]   # 4, 11, 22 layers x scan off/on; default v5e-256
-  .venv/bin/python bench/plan_1b.py remat [TOPOLOGY]     # each model.remat policy, scan on
+  .venv/bin/python bench/plan_1b.py remat [TOPOLOGY [POLICY ...]]  # each (or each named) model.remat policy, scan on
 
 One JSON line per compile (nopejax.plan's report plus the settings) on stdout.
 """
@@ -33,5 +33,5 @@ if __name__ == '__main__':
       for scan in (False, True):
         report(topology, model__num_layers=layers, model__scan_layers=scan)
   elif what == 'remat':
-    for remat in config.REMAT:
+    for remat in sys.argv[3:] or config.REMAT:
       report(topology, model__remat=remat)

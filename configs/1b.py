@@ -7,6 +7,7 @@ a directory of .jsonl files, tokenized with the Llama-2 SentencePiece model.
   python -m nopejax.train --config configs/1b.py --workdir gs://BUCKET/runs/nope-1b \
       --config.data.text_dir=/data/slimpajama_starcoder --config.data.tokenizer=/data/llama2.model
   python -m nopejax.train --config configs/1b.py --dry_run   # size and bytes per device, no memory
+  python -m nopejax.plan --config configs/1b.py --topology v5e-256   # compiles for the slice here: fits?
 """
 from configs import base
 

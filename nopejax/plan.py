@@ -147,7 +147,9 @@ def plan(cfg, topology='') -> dict:
       'total_bytes': total,
       'hbm_bytes': hbm,
       'fits': None if hbm is None else total <= hbm,
-      'step_flops_per_chip': flops,
+      'step_flops_per_chip': flops,  # XLA's count; a scanned loop's body counts once.
+      'scan_layers': cfg.model.scan_layers,
+      'remat': config.remat_name(cfg.model.remat),
       'model_flops_per_chip': model.flops_per_token(cfg) * tokens / len(devices),
       'compile_seconds': compile_seconds,
   }
@@ -174,8 +176,9 @@ def format_report(report) -> str:
     verdict = ('fits' if report['fits'] else
                f'does not fit: {gib(report["total_bytes"] - report["hbm_bytes"])} over')
     lines.append(f'  total            {gib(report["total_bytes"])} of {gib(report["hbm_bytes"])} HBM: {verdict}')
-  lines += [f'  FLOPs per step   {report["step_flops_per_chip"]:.3e} compiled '
-            f'({report["model_flops_per_chip"]:.3e} model FLOPs, as MFU counts them)',
+  scanned = ' (it counts the scanned block once: model.scan_layers)' if report['scan_layers'] else ''
+  lines += [f'  FLOPs per step   {report["model_flops_per_chip"]:.3e} model FLOPs (as MFU counts them); '
+            f'XLA counts {report["step_flops_per_chip"]:.3e}{scanned}',
             f'compiled in {report["compile_seconds"]:.1f} s']
   return '\n'.join(lines)
 
