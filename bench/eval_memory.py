@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import common  # noqa: E402
-from nopejax import evaluate  # noqa: E402
+from nopejax.evaluate import entropy, passkey, perplexity  # noqa: E402
 from nopejax.model import Transformer  # noqa: E402
 
 
@@ -60,10 +60,10 @@ def main():
   for multiple in (int(m) for m in args.multiples.split(',')):
     n = multiple * L
     start = time.perf_counter()
-    ppl = temp_bytes(evaluate._window_nll, graphdef, state, tokens(B, n), scored=stride, query_chunk=chunk)
-    stats = temp_bytes(evaluate._position_stats, graphdef, state, tokens(B, n + 1),
+    ppl = temp_bytes(perplexity._window_nll, graphdef, state, tokens(B, n), scored=stride, query_chunk=chunk)
+    stats = temp_bytes(entropy._position_stats, graphdef, state, tokens(B, n + 1),
                        jax.ShapeDtypeStruct((B,), jnp.float32), query_chunk=chunk)
-    passkey = temp_bytes(evaluate._greedy, graphdef, state, tokens(B, n), tokens(B), steps=6, query_chunk=chunk)
+    passkey = temp_bytes(passkey._greedy, graphdef, state, tokens(B, n), tokens(B), steps=6, query_chunk=chunk)
     full = temp_bytes(forward, state, tokens(B, n))
     rows.append((n, ppl, stats, passkey, full))
     print(f'| {n} ({multiple}x) | {ppl / 2**20:,.1f} | {stats / 2**20:,.1f} | {passkey / 2**20:,.1f} '
