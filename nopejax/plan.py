@@ -111,18 +111,19 @@ def plan(cfg, topology='') -> dict:
   mesh = sharding.make_mesh(cfg, devices)  # Bad mesh or batch sizes: one sentence before compiling.
   with jax.set_mesh(mesh):
     _, abstract, shardings = step_lib.abstract_state(cfg, mesh, optim.make_optimizer(cfg))
-  params = sharding.bytes_per_device(step_lib.model_state(abstract), step_lib.model_state(shardings))
-  optimizer = sharding.bytes_per_device(abstract['opt'], shardings['opt'])
+    params = sharding.bytes_per_device(step_lib.model_state(abstract), step_lib.model_state(shardings))
+    optimizer = sharding.bytes_per_device(abstract['opt'], shardings['opt'])
+    batch = abstract_batch(cfg, sharding.batch_sharding(mesh, cfg.mesh.rules))
+  batch_bytes = sharding.bytes_per_device(batch, jax.tree.map(lambda a: a.sharding, batch))
   start = time.perf_counter()
   try:
     compiled = compiled_step(cfg, devices)[1]
   except Exception as e:  # XLA:TPU refuses a program that does not fit; that is this tool's answer.
-    used = re.search(r'Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm', str(e))
-    if not used:
+    refused = _refused(str(e), params + optimizer + batch_bytes)
+    if refused is None:
       raise
-    unit = {'K': 2**10, 'M': 2**20, 'G': GiB, 'T': 2**40}
-    arguments, temporaries, total = None, None, float(used[1]) * unit[used[2]]
-    hbm, flops = float(used[3]) * unit[used[4]], float('nan')
+    hbm, arguments, temporaries, total = refused
+    flops = float('nan')
   else:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -157,6 +158,22 @@ def plan(cfg, topology='') -> dict:
 
 def _size(n_bytes) -> str:
   return f'{n_bytes / GiB:.2f} GiB' if abs(n_bytes) >= GiB / 10 else f'{n_bytes / 2**20:.1f} MiB'
+
+
+def _refused(message, argument_bytes):
+  """(hbm, arguments, temporaries, total) bytes from XLA:TPU's out-of-memory refusal; the figures it
+  does not give are None; None for any other error. Two wordings: 'Used 50.70G of 15.75G hbm' and 'the total memory required
+  for HLO temporaries (23.26G) exceeds available HBM (15.75G)'."""
+  unit = {'K': 2**10, 'M': 2**20, 'G': GiB, 'T': 2**40}
+  size = lambda number, letter: float(number) * unit[letter]
+  used = re.search(r'Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm', message)
+  if used:
+    return size(used[3], used[4]), None, None, size(used[1], used[2])
+  temporaries = re.search(r'temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)', message)
+  if temporaries:
+    temp = size(temporaries[1], temporaries[2])
+    return size(temporaries[3], temporaries[4]), argument_bytes, temp, argument_bytes + temp
+  return None
 
 
 def format_report(report) -> str:

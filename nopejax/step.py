@@ -19,7 +19,7 @@ def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
   return jnp.sum(losses_BxT * mask_BxT), jnp.sum(mask_BxT)
 
 
-def chunked_cross_entropy(head, x_BxTxD, targets_BxT, mask_BxT, chunk):
+def chunked_cross_entropy(head, x_BxTxD, targets_BxT, mask_BxT, chunk, rules):
   """cross_entropy(head(x), ...) over `chunk` positions at a time: the float32 logits of one chunk
   ([B, chunk, V]) exist at once, in the backward pass too (each chunk's are recomputed)."""
   B, T, D = x_BxTxD.shape
@@ -31,7 +31,10 @@ def chunked_cross_entropy(head, x_BxTxD, targets_BxT, mask_BxT, chunk):
   @jax.checkpoint
   def chunk_sums(sums, inputs):
     x_BxCxD, targets_BxC, mask_BxC = inputs
-    loss_sum, count = cross_entropy(head(x_BxCxD), targets_BxC, mask_BxC)
+    # Pinned as the unchunked logits are, so the partitioner treats every chunk like the whole.
+    x_BxCxD = sharding.constrain(x_BxCxD, ('batch', 'seq', 'act_embed'), rules)
+    logits_BxCxV = sharding.constrain(head(x_BxCxD), ('batch', 'seq', 'vocab'), rules)
+    loss_sum, count = cross_entropy(logits_BxCxV, targets_BxC, mask_BxC)
     return (sums[0] + loss_sum, sums[1] + count), None
 
   zero = jnp.zeros((), jnp.float32)
@@ -44,7 +47,7 @@ def loss_sums(cfg, model, batch):
   x_BxTxD = model.hidden(batch['inputs'], _segments(cfg, batch), batch['positions'])
   chunk = cfg.train.loss_chunk
   if chunk and x_BxTxD.shape[1] > chunk:
-    return chunked_cross_entropy(model.head, x_BxTxD, batch['targets'], batch['loss_mask'], chunk)
+    return chunked_cross_entropy(model.head, x_BxTxD, batch['targets'], batch['loss_mask'], chunk, cfg.mesh.rules)
   return cross_entropy(model.head(x_BxTxD), batch['targets'], batch['loss_mask'])
 
 

@@ -54,3 +54,12 @@ def test_bad_topology_exits_2_with_one_sentence():
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith('error: --topology=v5e-3 is no v5e slice')
+
+
+def test_xla_refusals_are_read_as_does_not_fit():
+  G = 2**30
+  assert plan._refused('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 50.70G of 15.75G hbm.', 1) == \
+      (15.75 * G, None, None, 50.70 * G)
+  assert plan._refused('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries '
+                       '(23.26G) exceeds available HBM (15.75G).', G) == (15.75 * G, G, 23.26 * G, 24.26 * G)
+  assert plan._refused('INTERNAL: something else', 1) is None
