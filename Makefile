@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 DEMO_DIR ?= runs/demo
+COMPARE_DIR ?= runs/compare
 
-.PHONY: setup setup-tpu demo test clean
+.PHONY: setup setup-tpu demo compare test clean
 
 setup: $(VENV)/.installed
 setup-tpu: $(VENV)/.installed-tpu
@@ -37,6 +38,12 @@ demo: setup
 	@echo "Pretraining: $(DEMO_DIR)/pretrain (metrics.jsonl, tensorboard/, checkpoints/, eval/report.md)"
 	@echo "Search:      $(DEMO_DIR)/search (temperatures.json, temperatures.png, eval/report.md)"
 	@echo "Comparison:  $(DEMO_DIR)/compare (table and curves of the three)"
+
+# NoPE against RoPE (+ PI, NTK, YaRN, log-n zero-shot) and ALiBi, 3 seeds of the tiny model at 600
+# steps, evaluated at 1x to 16x the training length; resumes what is done (README: the comparison).
+compare: setup
+	$(PY) -m nopejax.compare --config configs/tiny.py --out $(COMPARE_DIR)
+	@echo "Table and plot: $(COMPARE_DIR)/compare.md, $(COMPARE_DIR)/compare.png"
 
 test: setup setup-tpu
 	$(PY) -m pytest -q
