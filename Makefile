@@ -7,8 +7,9 @@ BENCH_VENV := .venv-bench
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 DEMO_DIR ?= runs/demo
+COMPARE_DIR ?= runs/compare
 
-.PHONY: setup setup-tpu setup-bench demo plan test bench clean
+.PHONY: setup setup-tpu setup-bench demo compare plan test bench clean
 
 setup: $(VENV)/.installed
 setup-tpu: $(VENV)/.installed-tpu
@@ -57,6 +58,12 @@ PLAN_CONFIG ?= configs/1b.py
 TOPOLOGY ?= v5e-256
 plan: setup setup-tpu
 	JAX_PLATFORMS=cpu $(PY) -m nopejax.plan --config $(PLAN_CONFIG) --topology $(TOPOLOGY)
+
+# NoPE against RoPE (+ PI, NTK, YaRN, log-n zero-shot) and ALiBi, 3 seeds of the tiny model at 600
+# steps, evaluated at 1x to 16x the training length; resumes what is done (README: the comparison).
+compare: setup
+	$(PY) -m nopejax.compare --config configs/tiny.py --out $(COMPARE_DIR)
+	@echo "Table and plot: $(COMPARE_DIR)/compare.md, $(COMPARE_DIR)/compare.png"
 
 test: setup setup-tpu
 	$(PY) -m pytest -q
