@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.model.mlp_dim = 384  # SwiGLU hidden width.
   cfg.model.norm_eps = 1e-5
   cfg.model.init_std = 0.02
-  cfg.model.position = 'nope'  # 'nope' (none), 'rope' (rotary, Llama's rotate-half layout) or 'alibi' (bias -m_h (i - j)).
+  # 'nope' (none), 'rope' (rotary, Llama's rotate-half layout), 'alibi' (bias -m_h (i - j)) or 'kerple'
+  # (KERPLE-log, learned bias -r1_h ln(1 + r2_h (i - j))).
+  cfg.model.position = 'nope'
   cfg.model.rope_theta = 10000.0  # RoPE base b: dims pair m turns by position * b^(-2m / head_dim).
   # RoPE scaling for lengths past original_length L (pe_methods.md): 'none', 'linear' (position
   # interpolation), 'ntk', 'dynamic' (dynamic NTK), 'yarn' (with its attention factor) or 'llama3'.
@@ -34,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.model.llama3_low_freq_factor = 1.0  # Llama 3: wavelengths over L / this are interpolated by s...
   cfg.model.llama3_high_freq_factor = 4.0  # ... under L / this kept; a blend between.
   cfg.model.logn = False  # Log-n scaling: q_i *= max(1, ln(i + 1) / ln L), with any position encoding.
+  cfg.model.llama4_scaling = False  # Llama 4's temperature: q_i *= 1 + llama4_attn_scale ln(floor((i + 1) / llama4_floor_scale) + 1).
+  cfg.model.llama4_floor_scale = 8192.0
+  cfg.model.llama4_attn_scale = 0.1
   cfg.model.tie_embeddings = False  # The output projection is the input embedding, transposed.
   cfg.model.temperature = 1.0  # Initial (or zero-shot uniform) multiplier c on q, every head.
   cfg.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'. Params stay float32.

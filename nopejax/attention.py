@@ -56,7 +56,7 @@ def choose(implementation, platform, seq_len, dtype, head_dim, has_segments, chu
   if implementation != 'auto':
     return implementation, f'model.attention_impl={implementation!r}'
   if has_bias and platform in ('tpu', 'gpu'):
-    return 'chunked', f'the fused kernel on {platform} takes no bias on the logits (model.position=alibi)'
+    return 'chunked', f'the fused kernel on {platform} takes no bias on the logits (ALiBi, KERPLE)'
   if platform == 'tpu':
     return 'splash', 'the Pallas splash kernel is the fused attention on TPU'
   if platform == 'gpu':
@@ -74,7 +74,8 @@ def kernel_for_run(cfg, platform):
   """(kernel, reason) for a run's config on `platform`; ConfigError where the chosen kernel cannot run there."""
   m = cfg.model
   kernel, reason = choose(m.attention_impl, platform, cfg.data.seq_len, m.dtype, config.head_dim(cfg),
-                          cfg.data.separate_documents, m.attention_chunked_from, has_bias=m.position == 'alibi')
+                          cfg.data.separate_documents, m.attention_chunked_from,
+                          has_bias=m.position in ('alibi', 'kerple'))
   if kernel == 'cudnn' and platform != 'gpu':
     raise config.ConfigError(f"model.attention_impl='cudnn' needs a GPU but this run's devices are {platform}; "
                              'set model.attention_impl=auto or chunked.')

@@ -88,42 +88,53 @@ def eval_overrides(cfg, fast: bool) -> dict:
   return overrides
 
 
-def run(cfg, out, seeds=3, steps=600, temperature=1.5, fast=True) -> dict:
-  """Everything the command does; returns the summary written to OUT/compare.json."""
+def _timings(out) -> dict:
+  path = epath.Path(out) / 'timings.json'
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def run_seed(cfg, out, seed: int, steps=600, temperature=1.5, fast=True) -> None:
+  """One seed's pieces: pretrain NoPE, RoPE, ALiBi; search NoPE's temperatures; evaluate every variant.
+
+  Pieces found finished on disk are skipped; each one's wall time goes into OUT/timings.json.
+  """
   from nopejax import evaluate, loop
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  timings = json.loads((out / 'timings.json').read_text()) if (out / 'timings.json').exists() else {}
 
   def timed(name, fn):
     start = time.time()
     fn()
+    timings = _timings(out)  # Read again: another process may be running another seed.
     timings[name] = round(time.time() - start, 1)
     (out / 'timings.json').write_text(json.dumps(timings, indent=1))
 
-  length = cfg.data.seq_len
-  rows = variants(temperature, length)
   overrides = eval_overrides(cfg, fast)
-  for seed in range(seeds):  # Seed by seed, so a cut-short run leaves whole seeds.
-    for position in PRETRAININGS:
-      run_cfg = pretrain_config(cfg, position, seed, steps)
-      workdir = str(out / f'{position}_s{seed}')
-      if not _finished(workdir, run_cfg.train.steps):
-        logging.info('compare: pretraining %s seed %d -> %s', position, seed, workdir)
-        timed(f'pretrain {position} s{seed}', lambda: loop.run(run_cfg, workdir))
-    search_cfg = search_config(pretrain_config(cfg, 'nope', seed, steps), str(out / f'nope_s{seed}'))
-    search_dir = str(out / f'nope_search_s{seed}')
-    if not _finished(search_dir, search_cfg.train.steps):
-      logging.info('compare: temperature search seed %d -> %s', seed, search_dir)
-      timed(f'search s{seed}', lambda: loop.run(search_cfg, search_dir))
-    for index, (label, source, variant_overrides) in enumerate(rows):
-      eval_dir = out / 'eval' / f'v{index}_s{seed}'
-      if not (eval_dir / 'results.json').exists():
-        logging.info('compare: evaluating %s seed %d -> %s', label, seed, eval_dir)
-        timed(f'eval v{index} s{seed}', lambda: evaluate.evaluate(
-            str(out / f'{source}_s{seed}'), dict(overrides, **variant_overrides), str(eval_dir)))
-    summary = summarize(out, rows, seeds, length, timings)
-  return summary
+  for position in PRETRAININGS:
+    run_cfg = pretrain_config(cfg, position, seed, steps)
+    workdir = str(out / f'{position}_s{seed}')
+    if not _finished(workdir, run_cfg.train.steps):
+      logging.info('compare: pretraining %s seed %d -> %s', position, seed, workdir)
+      timed(f'pretrain {position} s{seed}', lambda: loop.run(run_cfg, workdir))
+  search_cfg = search_config(pretrain_config(cfg, 'nope', seed, steps), str(out / f'nope_s{seed}'))
+  search_dir = str(out / f'nope_search_s{seed}')
+  if not _finished(search_dir, search_cfg.train.steps):
+    logging.info('compare: temperature search seed %d -> %s', seed, search_dir)
+    timed(f'search s{seed}', lambda: loop.run(search_cfg, search_dir))
+  for index, (label, source, variant_overrides) in enumerate(variants(temperature, cfg.data.seq_len)):
+    eval_dir = out / 'eval' / f'v{index}_s{seed}'
+    if not (eval_dir / 'results.json').exists():
+      logging.info('compare: evaluating %s seed %d -> %s', label, seed, eval_dir)
+      timed(f'eval v{index} s{seed}', lambda: evaluate.evaluate(
+          str(out / f'{source}_s{seed}'), dict(overrides, **variant_overrides), str(eval_dir)))
+
+
+def run(cfg, out, seeds=3, steps=600, temperature=1.5, fast=True) -> dict:
+  """Everything the command does, seed by seed (a cut-short run leaves whole seeds); returns the
+  summary written to OUT/compare.json."""
+  for seed in range(seeds):
+    run_seed(cfg, out, seed, steps, temperature, fast)
+  return summarize(out, variants(temperature, cfg.data.seq_len), seeds, cfg.data.seq_len, _timings(out))
 
 
 # ---------------------------------------------------------------------------------------------

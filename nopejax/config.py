@@ -112,9 +112,12 @@ def validate(cfg) -> None:
                       'model.llama3_high_freq_factor must hold, all positive; keep the defaults (1, 32 and 1, 4).')
   if m.logn and (m.original_length or cfg.data.seq_len) < 2:
     raise ConfigError('model.logn divides by ln L, which needs model.original_length (or data.seq_len) of at least 2; set it.')
-  if m.position == 'alibi' and m.attention_impl in ('splash', 'cudnn'):
-    raise ConfigError(f"model.attention_impl={m.attention_impl!r} takes no bias on the logits, which model.position=alibi "
-                      'adds; set model.attention_impl=auto (chunked on TPU and GPU then), chunked or xla.')
+  if m.position in ('alibi', 'kerple') and m.attention_impl in ('splash', 'cudnn'):
+    raise ConfigError(f'model.attention_impl={m.attention_impl!r} takes no bias on the logits, which model.position='
+                      f'{m.position} adds; set model.attention_impl=auto (chunked on TPU and GPU then), chunked or xla.')
+  if m.llama4_scaling and (m.llama4_floor_scale <= 0 or m.llama4_attn_scale < 0):
+    raise ConfigError(f'model.llama4_floor_scale={m.llama4_floor_scale} must be positive and model.llama4_attn_scale='
+                      f'{m.llama4_attn_scale} not negative; keep the defaults 8192 and 0.1.')
   if m.temperature <= 0:
     raise ConfigError(f'model.temperature={m.temperature} must be positive; set a value like 1.0 or 1.5.')
   t = cfg.train

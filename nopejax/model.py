@@ -50,6 +50,9 @@ class Attention(nnx.Module):
     self.chunked_from = m.attention_chunked_from
     self.encoding = positions.from_config(cfg)
     self.num_heads = H
+    if m.position == 'kerple':  # KERPLE-log's learned (r1, r2) per head, before their softplus.
+      self.kerple_r1_H, self.kerple_r2_H = (nnx.Param(jnp.full((H,), positions.KERPLE_INIT, jnp.float32),
+                                                      axes=('heads',)) for _ in range(2))
 
   def qkv(self, x_BxTxD, positions_BxT, length=None):
     """Projections, with the position encoding applied to q and k and the temperature to q.
@@ -72,8 +75,9 @@ class Attention(nnx.Module):
     return jnp.einsum('bthk,hkd->btd', y_BxTxHxDh, self.o_HxDhxD[...].astype(self.dtype))
 
   def bias(self):
-    """The logits' bias hook (ALiBi) or None; see attention.attend."""
-    return positions.bias(self.encoding, self.num_heads)
+    """The logits' bias hook (ALiBi, KERPLE) or None; see attention.attend."""
+    learned = (self.kerple_r1_H[...], self.kerple_r2_H[...]) if self.encoding.position == 'kerple' else None
+    return positions.bias(self.encoding, self.num_heads, learned)
 
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
     q, k, v = self.qkv(x_BxTxD, positions_BxT)

@@ -2,9 +2,11 @@
 
 Each method acts on attention through one of three hooks, so one attention core serves them all:
   rotation of q and k   RoPE and its scalings (`model.rope_scaling`: linear, ntk, dynamic, yarn, llama3);
-  bias on the logits    ALiBi, added after the 1/sqrt(d) scale (`bias`, evaluated per block of
-                        queries and keys by every kernel, never as one [H, T, T] tensor on the long path);
-  multiplier on q       YaRN's attention factor and log-n scaling (`model.logn`, any method).
+  bias on the logits    ALiBi and KERPLE-log (learned), added after the 1/sqrt(d) scale (`bias`,
+                        evaluated per block of queries and keys by every kernel, never as one [H, T, T]
+                        tensor on the long path);
+  multiplier on q       YaRN's attention factor, log-n scaling (`model.logn`) and Llama 4's
+                        temperature (`model.llama4_scaling`), with any method.
 NoPE uses none: the causal mask is the only source of position.
 
 RoPE rotates each pair of head dimensions (m, m + Dh/2) of q and k by the angle
@@ -15,9 +17,10 @@ A multiplier on q scales only the content term q.k, never an additive bias.
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 
-POSITIONS = ('nope', 'rope', 'alibi')
+POSITIONS = ('nope', 'rope', 'alibi', 'kerple')
 ROPE_SCALINGS = ('none', 'linear', 'ntk', 'dynamic', 'yarn', 'llama3')
 
 
@@ -34,6 +37,9 @@ class Encoding:
   llama3_low_freq_factor: float = 1.0
   llama3_high_freq_factor: float = 4.0
   logn: bool = False
+  llama4_scaling: bool = False
+  llama4_floor_scale: float = 8192.0
+  llama4_attn_scale: float = 0.1
 
 
 def from_config(cfg) -> Encoding:
@@ -43,7 +49,9 @@ def from_config(cfg) -> Encoding:
       rope_scaling_factor=float(m.rope_scaling_factor), original_length=int(m.original_length or cfg.data.seq_len),
       yarn_beta_fast=float(m.yarn_beta_fast), yarn_beta_slow=float(m.yarn_beta_slow),
       llama3_low_freq_factor=float(m.llama3_low_freq_factor),
-      llama3_high_freq_factor=float(m.llama3_high_freq_factor), logn=bool(m.logn))
+      llama3_high_freq_factor=float(m.llama3_high_freq_factor), logn=bool(m.logn),
+      llama4_scaling=bool(m.llama4_scaling), llama4_floor_scale=float(m.llama4_floor_scale),
+      llama4_attn_scale=float(m.llama4_attn_scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +160,12 @@ def logn_scale(positions_BxT, original_length: int):
   return jnp.maximum(1.0, jnp.log(i + 1.0) / math.log(original_length))
 
 
+def llama4_scale(positions_BxT, floor_scale: float, attn_scale: float):
+  """Llama 4's temperature per query: 1 + attn_scale ln(floor((i + 1) / floor_scale) + 1), 1 below floor_scale - 1."""
+  i = positions_BxT.astype(jnp.float32)
+  return 1.0 + attn_scale * jnp.log(jnp.floor((i + 1.0) / floor_scale) + 1.0)
+
+
 def query_scale(encoding: Encoding, positions_BxT, length: int):
   """The position-dependent multiplier on q, [B, T] float32, or None when there is none."""
   scale = None
@@ -162,6 +176,9 @@ def query_scale(encoding: Encoding, positions_BxT, length: int):
   if encoding.logn:
     logn = logn_scale(positions_BxT, encoding.original_length)
     scale = logn if scale is None else scale * logn
+  if encoding.llama4_scaling:
+    llama4 = llama4_scale(positions_BxT, encoding.llama4_floor_scale, encoding.llama4_attn_scale)
+    scale = llama4 if scale is None else scale * llama4
   return scale
 
 
@@ -186,11 +203,29 @@ def alibi_bias(slopes_H, q_positions_BxQ, k_positions_BxS):
   return -slopes_H[None, :, None, None] * distance_BxQxS[:, None]
 
 
-def bias(encoding: Encoding, num_heads: int):
+# KERPLE-log's r1, r2 > 0 are learned; they train as softplus of unconstrained parameters, which
+# start where r1 = r2 = 1.
+KERPLE_INIT = math.log(math.e - 1)
+
+
+def kerple_bias(params, q_positions_BxQ, k_positions_BxS):
+  """KERPLE-log: -r1_h ln(1 + r2_h (i - j)) with r = softplus(params): bias_BxHxQxS float32.
+
+  params = (r1_raw_H, r2_raw_H). The distance is clipped at 0: keys after the query are masked anyway.
+  """
+  r1_H, r2_H = (jax.nn.softplus(p.astype(jnp.float32)) for p in params)
+  distance_BxQxS = jnp.maximum(q_positions_BxQ[:, :, None] - k_positions_BxS[:, None, :], 0).astype(jnp.float32)
+  return -r1_H[None, :, None, None] * jnp.log1p(r2_H[None, :, None, None] * distance_BxQxS[:, None])
+
+
+def bias(encoding: Encoding, num_heads: int, learned=None):
   """The logits' bias hook, (fn, params) with fn(params, q_positions_BxQ, k_positions_BxS) -> bias_BxHxQxS,
-  or None. Kernels evaluate it block by block from positions."""
+  or None. Kernels evaluate it block by block from positions; `learned` holds a learned bias's
+  parameters (KERPLE's), whose gradients every kernel returns."""
   if encoding.position == 'alibi':
     return alibi_bias, alibi_slopes(num_heads)
+  if encoding.position == 'kerple':
+    return kerple_bias, learned
   return None
 
 

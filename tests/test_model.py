@@ -25,8 +25,9 @@ def rope_config(seed_theta=100.0):
 
 
 def position_config(method):
-  """small_config with a position method: 'nope', 'rope', 'alibi', or RoPE scalings past an original
-  length of 8 tokens ('yarn_logn': YaRN at each forward's length / 8 with log-n; 'dynamic')."""
+  """small_config with a position method: 'nope', 'rope', 'alibi', 'kerple', or RoPE scalings past an
+  original length of 8 tokens ('yarn_logn': YaRN at each forward's length / 8 with log-n; 'dynamic_llama4':
+  dynamic NTK with Llama 4's temperature from position 3)."""
   if method == 'nope':
     return small_config()
   cfg = rope_config()
@@ -35,12 +36,15 @@ def position_config(method):
     cfg.model.position = 'alibi'
   elif method == 'yarn_logn':
     cfg.model.rope_scaling, cfg.model.rope_scaling_factor, cfg.model.logn = 'yarn', 0.0, True
-  elif method == 'dynamic':
+  elif method == 'kerple':
+    cfg.model.position = 'kerple'
+  elif method == 'dynamic_llama4':
     cfg.model.rope_scaling, cfg.model.rope_scaling_factor = 'dynamic', 2.0
+    cfg.model.llama4_scaling, cfg.model.llama4_floor_scale = True, 4.0
   return cfg
 
 
-POSITION_METHODS = ['nope', 'rope', 'alibi', 'yarn_logn', 'dynamic']
+POSITION_METHODS = ['nope', 'rope', 'alibi', 'kerple', 'yarn_logn', 'dynamic_llama4']
 
 
 def test_logits_shape_dtype_and_grouped_query_heads():
@@ -207,6 +211,23 @@ def test_chunked_forward_equals_the_training_forward(position):
   assert entropy.shape == (2, 2, 4, 21)  # [layers, batch, heads, positions]
   # Every entropy lies in [0, ln i] at 1-based position i.
   assert np.all(entropy >= -1e-6) and np.all(entropy <= np.log(np.arange(1, 22)) + 1e-5)
+
+
+def test_kerple_learns_its_bias_through_either_kernel():
+  """The gradient of the model's loss reaches KERPLE's r1, r2, equal with the xla and the chunked kernel."""
+  cfg = position_config('kerple')
+  tokens = jax.random.randint(jax.random.key(6), (2, 21), 0, 256)
+
+  def grads(implementation):
+    cfg.model.attention_impl, cfg.model.attention_block = implementation, 8
+    graphdef, state = nnx.split(make(cfg))
+    loss = lambda state: jnp.mean(nnx.merge(graphdef, state)(tokens) ** 2)
+    return jax.jit(jax.grad(loss))(state)['blocks'][0]['attention']
+
+  xla, chunked = grads('xla'), grads('chunked')
+  for name in ('kerple_r1_H', 'kerple_r2_H'):
+    assert float(jnp.abs(xla[name][...]).max()) > 0
+    np.testing.assert_allclose(chunked[name][...], xla[name][...], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize('position', POSITION_METHODS)

@@ -142,3 +142,25 @@ def test_alibi_bias_is_minus_slope_times_distance():
   i, j = np.array([0, 3, 5])[:, None], np.arange(4)[None]
   for h in range(4):
     np.testing.assert_allclose(bias[0, h], -float(slopes[h]) * (i - j), rtol=1e-6)
+
+
+def test_llama4_temperature_is_one_below_the_floor_scale_then_steps_up():
+  p = jnp.arange(40)[None]
+  scale = np.asarray(positions.llama4_scale(p, 8.0, 0.1))[0]
+  np.testing.assert_array_equal(scale[:7], 1.0)  # (i + 1) / 8 < 1.
+  np.testing.assert_allclose(scale, [1 + 0.1 * math.log(math.floor((i + 1) / 8) + 1) for i in range(40)], rtol=1e-6)
+  both = positions.Encoding(logn=True, original_length=16, llama4_scaling=True, llama4_floor_scale=8.0)
+  np.testing.assert_allclose(positions.query_scale(both, p, 40)[0],
+                             scale * np.maximum(1, np.log(np.arange(40) + 1) / np.log(16)), rtol=1e-6)
+
+
+def test_kerple_log_bias_is_minus_r1_log_of_one_plus_r2_distance():
+  r1, r2 = np.array([0.5, 2.0]), np.array([1.0, 0.1])
+  raw = tuple(jnp.asarray(np.log(np.expm1(r)), jnp.float32) for r in (r1, r2))  # softplus^-1
+  bias = np.asarray(positions.kerple_bias(raw, jnp.array([[0, 4, 9]]), jnp.arange(10)[None]))
+  i, j = np.array([0, 4, 9])[:, None], np.arange(10)[None]
+  for h in range(2):
+    visible = j <= i
+    np.testing.assert_allclose(bias[0, h][visible], (-r1[h] * np.log1p(r2[h] * (i - j)))[visible], rtol=1e-5)
+  init = jnp.full((2,), positions.KERPLE_INIT)
+  np.testing.assert_allclose(jax.nn.softplus(init), 1.0, rtol=1e-6)  # r1 = r2 = 1 at initialization.

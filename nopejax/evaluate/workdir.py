@@ -18,7 +18,8 @@ from nopejax.evaluate import entropy, passkey, perplexity, report
 # The position keys are the zero-shot extensions (RoPE scalings, log-n): they change no parameter.
 POSITION_OVERRIDES = ('model.rope_scaling', 'model.rope_scaling_factor', 'model.original_length',
                       'model.yarn_beta_fast', 'model.yarn_beta_slow', 'model.llama3_low_freq_factor',
-                      'model.llama3_high_freq_factor', 'model.logn')
+                      'model.llama3_high_freq_factor', 'model.logn', 'model.llama4_scaling',
+                      'model.llama4_floor_scale', 'model.llama4_attn_scale')
 _OVERRIDABLE = ('model.temperature', 'data.dataset', 'data.text_dir', 'data.text_key', 'data.tfds_dir',
                 'data.tokenizer') + POSITION_OVERRIDES
 
