@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nopejax import data, optim, sharding
+from nopejax import config, data, optim, sharding
 from nopejax.model import Transformer
 
 
@@ -17,6 +17,19 @@ def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
   """Sum of next-token losses where mask is 1, and the number of those tokens."""
   losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
   return jnp.sum(losses_BxT * mask_BxT), jnp.sum(mask_BxT)
+
+
+def mean_over_lengths(losses_BxT, mask_BxT, lengths):
+  """Mean over target lengths n of the mean loss of the windows' first n tokens.
+
+  A window's first n tokens are a window of n tokens (attention is causal and packed documents
+  restart their positions), so one batch at the longest length trains every shorter one too.
+  """
+  per_length = []
+  for n in lengths:
+    loss_sum, count = jnp.sum(losses_BxT[:, :n] * mask_BxT[:, :n]), jnp.sum(mask_BxT[:, :n])
+    per_length.append(loss_sum / jnp.maximum(count, 1.0))
+  return sum(per_length) / len(per_length)
 
 
 def _segments(cfg, batch):
@@ -28,12 +41,13 @@ def make_train_step(cfg, graphdef, tx):
   """Returns train_step(state, batch) -> (state, metrics), to be jitted by the caller."""
   schedule = optim.learning_rate_schedule(cfg)
   clamp = cfg.train.trainable == 'temperature'
+  lengths = config.search_lengths(cfg)  # (data.seq_len,) unless search.lengths mixes several.
 
   def loss_fn(params, frozen, batch):
     model = nnx.merge(graphdef, params, frozen)
     logits_BxTxV = model(batch['inputs'], _segments(cfg, batch), batch['positions'])
-    loss_sum, count = cross_entropy(logits_BxTxV, batch['targets'], batch['loss_mask'])
-    return loss_sum / jnp.maximum(count, 1.0)
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch['targets'])
+    return mean_over_lengths(losses_BxT, batch['loss_mask'], lengths)
 
   def train_step(state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(state['params'], state['frozen'], batch)

@@ -42,6 +42,10 @@ def test_base_config_is_valid_and_locked():
      'search.init=0.8 is below search.min_temperature=1.0, so the first update would clamp it'),
     ({'search__init': 'warm'}, "search.init='warm' is neither a number nor 'auto'"),
     ({'search__base': 'runs/x'}, "search.base is set but train.trainable is 'model'"),
+    ({'model__temperature_schedule': 'cosine'}, "model.temperature_schedule='cosine' is not one of"),
+    ({'train__trainable': 'temperature', 'model__temperature_schedule': 'log'},
+     "model.temperature_schedule='log' in a search needs model.temperature_length"),
+    ({'search__lengths': (64, 128)}, 'search.lengths=(64, 128) must be positive lengths up to data.seq_len=64'),
 ])
 def test_bad_values_name_the_key(changes, message):
   with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('.', r'\.')):
