@@ -41,6 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.model.llama4_attn_scale = 0.1
   cfg.model.tie_embeddings = False  # The output projection is the input embedding, transposed.
   cfg.model.temperature = 1.0  # Initial (or zero-shot uniform) multiplier c on q, every head.
+  # How the per-head temperature varies with a query's position i (1-based, within its document):
+  # 'constant' tau = c_h; 'log' tau = 1 for i <= L, c_h + a_h ln(i / L) beyond (a_h starts at 0);
+  # 'ssmax' tau = s_h ln(i) (Scalable-Softmax; s_h starts at model.temperature / ln L).
+  cfg.model.temperature_schedule = 'constant'
+  cfg.model.temperature_length = 0  # L of the schedules; 0 = data.seq_len (a search must set its base's length).
   cfg.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'. Params stay float32.
   # What the backward pass recomputes of each block: 'none', 'full' (everything: least memory),
   # 'save_dots' (keeps every matmul output), 'save_dots_no_batch' (keeps the projections' and the
@@ -70,7 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Training.
   cfg.train = ml_collections.ConfigDict()
-  cfg.train.trainable = 'model'  # 'model' (all but temperatures) or 'temperature' (only them).
+  # 'model' (all but temperatures), 'temperature' (only them) or 'model+temperature' (both, each
+  # partition with its own optimizer: train.* for the weights, train.temperature.* for the temperatures).
+  cfg.train.trainable = 'model'
   cfg.train.steps = 2000  # Length of the schedule.
   cfg.train.stop_after = 0  # Stop after this step as a preemption would; 0 = run to train.steps.
   cfg.train.batch_size = 32  # Global batch, in sequences.
@@ -92,6 +99,12 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.train.keep_checkpoints = 3  # The newest ones; a search's base step is kept too (pinned).
   cfg.train.skip_nonfinite = 0  # 0: stop at a non-finite loss or gradient; N: skip such updates, stop after N in a row.
   cfg.train.peak_flops_per_device = 0.0  # For MFU; 0 = look up the device kind or measure it.
+  # The temperatures' partition under trainable='model+temperature': AdamW with the weights' betas,
+  # warmup and cosine shape, but its own peak rate, weight decay and clipping norm.
+  cfg.train.temperature = ml_collections.ConfigDict()
+  cfg.train.temperature.learning_rate = 1e-2
+  cfg.train.temperature.weight_decay = 0.0
+  cfg.train.temperature.clip_norm = 1.0
 
   # Device mesh: each size is a device count, -1 = whatever the others leave.
   cfg.mesh = ml_collections.ConfigDict()
@@ -120,6 +133,10 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.search.init = '1.0'  # Every temperature's start: a number, or 'auto' for the best uniform c.
   cfg.search.min_temperature = 1.0  # Projection after each update: c_h >= this.
   cfg.search.init_candidates = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5)  # Uniform values tried by init='auto'.
+  # Target lengths searched together, each <= data.seq_len: the loss is the mean over lengths n of the
+  # mean loss of each window's first n tokens (= a window of n tokens); () = data.seq_len alone.
+  # A length listed twice weighs twice.
+  cfg.search.lengths = ()
 
   # Length-generalization evaluation (python -m nopejax.evaluate).
   cfg.eval = ml_collections.ConfigDict()

@@ -24,9 +24,32 @@ import jax.numpy as jnp
 from nopejax import config, sharding
 
 
-def scale_queries(q_BxTxHxDh, temperature_H):
-  """q * c_h per head, multiplied in float32 so a bf16 model still trains float32 temperatures."""
-  return (q_BxTxHxDh.astype(jnp.float32) * temperature_H[None, None, :, None]).astype(q_BxTxHxDh.dtype)
+def query_temperatures(schedule, positions_BxT, length, temperature_H, slope_H=None):
+  """tau_BxTxH, the multiplier on each query by its head and its position (0-based within its document).
+
+  With i = position + 1 (1-based, so ln(1) = 0 falls on the first token, which sees one key and
+  attends to it whatever the scale):
+    constant  tau = c_h (returned as 1x1xH)
+    log       tau = 1 for i <= length, c_h + a_h ln(i / length) beyond: the base model within length
+    ssmax     tau = s_h ln(i) (Scalable-Softmax, Nakanishi 2025), temperature_H holding s_h
+  """
+  c_1x1xH = temperature_H.astype(jnp.float32)[None, None, :]
+  if schedule == 'constant':
+    return c_1x1xH
+  i_BxTx1 = positions_BxT.astype(jnp.float32)[:, :, None] + 1.0
+  if schedule == 'log':
+    beyond_BxTxH = c_1x1xH + slope_H.astype(jnp.float32)[None, None, :] * jnp.log(i_BxTx1 / length)
+    return jnp.where(i_BxTx1 > length, beyond_BxTxH, 1.0)
+  if schedule == 'ssmax':
+    return c_1x1xH * jnp.log(i_BxTx1)
+  raise ValueError(f'unknown temperature schedule {schedule!r}')
+
+
+def scale_queries(q_BxTxHxDh, temperature):
+  """q * tau per head (temperature [H]) or per position and head ([B, T, H], query_temperatures),
+  multiplied in float32 so a bf16 model still trains float32 temperatures."""
+  tau = temperature[None, None, :] if temperature.ndim == 1 else temperature
+  return (q_BxTxHxDh.astype(jnp.float32) * tau[..., None]).astype(q_BxTxHxDh.dtype)
 
 
 def segment_mask(segment_ids_BxT):

@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 
 from nopejax import config, optim, paths, step as step_lib
 from nopejax.config import ConfigError
-from nopejax.model import Temperature, Transformer, set_temperatures
+from nopejax.model import Temperature, TemperatureSlope, Transformer, set_temperatures
 
 SHAPE_KEYS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim')
 # Keys that change what the same arrays compute; checkpoints older than a key had its default.
@@ -167,7 +167,8 @@ def save(manager, state, data_iterator, cfg, base=None) -> None:
   model_state = step_lib.model_state(state)
   saved = nnx.filter_state(model_state, Temperature) if _is_search(cfg) else model_state
   step = int(state['step'])
-  meta = {'step': step, 'kind': 'search' if _is_search(cfg) else 'pretrain', 'model': model_shape(cfg), 'base': base}
+  meta = {'step': step, 'kind': 'search' if _is_search(cfg) else 'pretrain', 'model': model_shape(cfg), 'base': base,
+          'temperature_schedule': cfg.model.temperature_schedule}
   data_position = data_iterator.get_state()
   data_position['streams'] = _merged_over_processes(data_position['streams'])
   manager.save(step, args=ocp.args.Composite(
@@ -215,6 +216,15 @@ def _restore_items(workdir, step, **items):
           f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); use a matching config or another --workdir.') from None
 
 
+def _zero_slopes(abstract_model_state):
+  """The state with every TemperatureSlope a zero array, in its sharding."""
+  def zero(v):
+    if not isinstance(v, TemperatureSlope):
+      return v
+    return v.replace(jax.device_put(np.zeros(v.shape, v.dtype), v.get_value().sharding))
+  return jax.tree.map(zero, abstract_model_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
 def restore_model(workdir, cfg, abstract_model_state, step=None):
   """The full model state saved in `workdir`, laid out as `abstract_model_state` says (any mesh).
 
@@ -240,6 +250,10 @@ def restore_model(workdir, cfg, abstract_model_state, step=None):
   else:
     state = jax.tree.map(lambda x: x, abstract_model_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
     target = abstract_model_state
+    if meta.get('temperature_schedule', 'constant') != 'log':
+      # A model without the log schedule's slopes (a search's base, say): they start at 0.
+      state = _zero_slopes(state)
+      target = nnx.filter_state(abstract_model_state, nnx.Not(TemperatureSlope))
   restored = _restore_items(workdir, step, model=ocp.args.StandardRestore(nnx.to_pure_dict(target)))['model']
   nnx.replace_by_pure_dict(state, restored)
   return state

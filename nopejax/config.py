@@ -12,7 +12,8 @@ from configs import base
 from nopejax.positions import POSITIONS, ROPE_SCALINGS
 
 DTYPES = ('float32', 'bfloat16')
-TRAINABLE = ('model', 'temperature')
+TRAINABLE = ('model', 'temperature', 'model+temperature')
+TEMPERATURE_SCHEDULES = ('constant', 'log', 'ssmax')
 ATTENTION_IMPLS = ('auto', 'xla', 'chunked', 'splash', 'cudnn')
 REMAT = ('none', 'full', 'save_dots', 'save_dots_no_batch', 'save_qkv_proj')  # model.py: what each keeps.
 
@@ -38,6 +39,16 @@ def remat_name(value) -> str:
 
 def head_dim(cfg) -> int:
   return cfg.model.head_dim or cfg.model.embed_dim // cfg.model.num_heads
+
+
+def temperature_length(cfg) -> int:
+  """L of the position-dependent temperature schedules: model.temperature_length, or data.seq_len."""
+  return cfg.model.temperature_length or cfg.data.seq_len
+
+
+def search_lengths(cfg) -> tuple[int, ...]:
+  """The target lengths the loss averages over: search.lengths, or data.seq_len alone."""
+  return tuple(cfg.search.lengths) or (cfg.data.seq_len,)
 
 
 def search_init(cfg):
@@ -120,6 +131,14 @@ def validate(cfg) -> None:
                       f'{m.llama4_attn_scale} not negative; keep the defaults 8192 and 0.1.')
   if m.temperature <= 0:
     raise ConfigError(f'model.temperature={m.temperature} must be positive; set a value like 1.0 or 1.5.')
+  if m.temperature_schedule not in TEMPERATURE_SCHEDULES:
+    raise ConfigError(f'model.temperature_schedule={m.temperature_schedule!r} is not one of {TEMPERATURE_SCHEDULES}; pick one of those.')
+  if m.temperature_length < 0 or (m.temperature_schedule == 'ssmax' and temperature_length(cfg) < 2):
+    raise ConfigError(f'model.temperature_length={m.temperature_length} must be 0 (= data.seq_len) or a positive length '
+                      '(at least 2 for ssmax, whose start divides by ln L); set it to the pretraining length.')
+  if (m.temperature_schedule == 'log' and cfg.train.trainable == 'temperature' and not m.temperature_length):
+    raise ConfigError("model.temperature_schedule='log' in a search needs model.temperature_length, the pretraining "
+                      'length below which the temperature stays 1 (data.seq_len is the search length); set it, e.g. 64.')
   t = cfg.train
   if t.trainable not in TRAINABLE:
     raise ConfigError(f'train.trainable={t.trainable!r} is not one of {TRAINABLE}; pick one of those.')
@@ -148,6 +167,13 @@ def validate(cfg) -> None:
                       'non-finite update, or N to skip up to N in a row.')
   if cfg.search.base and t.trainable != 'temperature':
     raise ConfigError("search.base is set but train.trainable is 'model'; set --config.train.trainable=temperature or clear search.base.")
+  lengths = search_lengths(cfg)
+  if min(lengths) < 1 or max(lengths) > cfg.data.seq_len:
+    raise ConfigError(f'search.lengths={tuple(cfg.search.lengths)} must be positive lengths up to data.seq_len='
+                      f'{cfg.data.seq_len} (the window every length is cut from); set data.seq_len to the longest.')
+  if t.temperature.learning_rate < 0 or t.temperature.weight_decay < 0 or t.temperature.clip_norm <= 0:
+    raise ConfigError('train.temperature.learning_rate and .weight_decay must not be negative and .clip_norm must be '
+                      'positive; set e.g. 0.01, 0.0 and 1.0.')
   init = search_init(cfg)
   if t.trainable == 'temperature' and init != 'auto' and init < cfg.search.min_temperature:
     raise ConfigError(f'search.init={init} is below search.min_temperature={cfg.search.min_temperature}, so the first '

@@ -139,7 +139,8 @@ def run(cfg, workdir) -> dict:
     if saved_step != int(state['step']):
       checkpoint.save(manager, state, train_batches, cfg, base)
     if is_search:
-      search.write_temperatures(workdir, search.temperatures_by_layer(state['params']))
+      search.write_temperatures(workdir, search.temperatures_by_layer(state['params']),
+                                search.temperatures_by_layer(state['params'], 'temperature_slope'))
   return logged
 
 

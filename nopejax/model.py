@@ -3,8 +3,11 @@ by default, or RoPE (and its scalings) or ALiBi (`model.position`, positions.py)
 multipliers act on q and k before the attention kernel, a bias on the logits inside it.
 
 Every parameter names its logical axes (`axes=`) so sharding.py can place it on any mesh.
-Each attention layer owns a float32 `Temperature` of shape [num_heads], the multiplier c_h on q.
+Each attention layer owns a float32 `Temperature` of shape [num_heads], the multiplier c_h on q
+(with `model.temperature_schedule`, a function of the query's position too: attention.query_temperatures).
 """
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,6 +18,10 @@ from nopejax import attention, config, positions, sharding
 
 class Temperature(nnx.Param):
   """Per-head multiplier on q. Its own variable type so the optimizer can train it alone or not at all."""
+
+
+class TemperatureSlope(Temperature):
+  """The log schedule's a_h: trains with the temperatures, but a uniform c (set_temperatures) leaves it."""
 
 
 def _normal(rngs, shape, axes, std):
@@ -42,7 +49,13 @@ class Attention(nnx.Module):
     self.k_DxKxDh = _normal(rngs, (D, K, Dh), ('embed', 'kv_heads', 'head_dim'), m.init_std)
     self.v_DxKxDh = _normal(rngs, (D, K, Dh), ('embed', 'kv_heads', 'head_dim'), m.init_std)
     self.o_HxDhxD = _normal(rngs, (H, Dh, D), ('heads', 'head_dim', 'embed'), m.init_std)
-    self.temperature = Temperature(jnp.full((H,), m.temperature, jnp.float32), axes=('temperature',))
+    # The schedule's parameters (attention.query_temperatures): c_h, with a_h for 'log'; s_h for 'ssmax',
+    # starting where s_h ln(L) = model.temperature.
+    self.schedule, self.schedule_length = m.temperature_schedule, config.temperature_length(cfg)
+    start = m.temperature / math.log(self.schedule_length) if self.schedule == 'ssmax' else m.temperature
+    self.temperature = Temperature(jnp.full((H,), start, jnp.float32), axes=('temperature',))
+    if self.schedule == 'log':
+      self.temperature_slope = TemperatureSlope(jnp.zeros((H,), jnp.float32), axes=('temperature',))
     self.dtype = jnp.dtype(m.dtype)
     self.rules = cfg.mesh.rules
     self.implementation = m.attention_impl
@@ -65,7 +78,10 @@ class Attention(nnx.Module):
     v_BxTxKxDh = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.v_DxKxDh[...].astype(dt))
     q_BxTxHxDh, k_BxTxKxDh = positions.apply(self.encoding, q_BxTxHxDh, k_BxTxKxDh, positions_BxT,
                                              length or x_BxTxD.shape[1])
-    q_BxTxHxDh = attention.scale_queries(q_BxTxHxDh, self.temperature[...])
+    slope_H = self.temperature_slope[...] if self.schedule == 'log' else None
+    temperature_BxTxH = attention.query_temperatures(self.schedule, positions_BxT, self.schedule_length,
+                                                     self.temperature[...], slope_H)
+    q_BxTxHxDh = attention.scale_queries(q_BxTxHxDh, temperature_BxTxH)
     # Named so that model.remat='save_qkv_proj' keeps them for the backward pass.
     q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = (checkpoint_name(a, 'qkv_proj') for a in (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh))
     q_BxTxHxDh = sharding.constrain(q_BxTxHxDh, ('batch', 'seq', 'heads', 'head_dim'), self.rules)
@@ -294,9 +310,12 @@ class Transformer(nnx.Module):
 
 
 def set_temperatures(state, value):
-  """`state` with every temperature set to `value` (same shapes, dtypes and shardings): a uniform c."""
+  """`state` with every temperature set to `value` (same shapes, dtypes and shardings): a uniform c.
+
+  The log schedule's slopes a_h stay as they are (0 unless trained)."""
   def set_value(v):
-    return v.replace(jnp.full_like(v[...], value)) if isinstance(v, Temperature) else v
+    is_temperature = isinstance(v, Temperature) and not isinstance(v, TemperatureSlope)
+    return v.replace(jnp.full_like(v[...], value)) if is_temperature else v
   return jax.tree.map(set_value, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 

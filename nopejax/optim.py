@@ -9,21 +9,25 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nopejax.model import Temperature
+from nopejax.model import Temperature, TemperatureSlope
 
 
 def trainable_filter(cfg):
   """The nnx filter for what `train.trainable` names."""
   if cfg.train.trainable == 'temperature':
     return Temperature
+  if cfg.train.trainable == 'model+temperature':
+    return nnx.Param
   return nnx.All(nnx.Param, nnx.Not(Temperature))
 
 
-def learning_rate_schedule(cfg) -> optax.Schedule:
+def learning_rate_schedule(cfg, peak=None) -> optax.Schedule:
+  """train.*'s warmup then cosine, to `peak` (default train.learning_rate)."""
   t = cfg.train
+  peak = t.learning_rate if peak is None else peak
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
-      decay_steps=t.steps, end_value=t.learning_rate * t.final_lr_fraction)
+      init_value=0.0, peak_value=peak, warmup_steps=t.warmup_steps,
+      decay_steps=t.steps, end_value=peak * t.final_lr_fraction)
 
 
 def _decay_mask(params):
@@ -31,17 +35,37 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
+def _adamw(cfg, learning_rate, weight_decay, clip_norm, decay_mask) -> optax.GradientTransformation:
   t = cfg.train
   return optax.chain(
-      optax.clip_by_global_norm(t.clip_norm),
-      optax.adamw(learning_rate_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
-                  weight_decay=t.weight_decay, mask=_decay_mask),
+      optax.clip_by_global_norm(clip_norm),
+      optax.adamw(learning_rate_schedule(cfg, learning_rate), b1=t.b1, b2=t.b2, eps=t.eps,
+                  weight_decay=weight_decay, mask=decay_mask),
   )
 
 
+def partition_labels(params):
+  """'temperature' for every temperature (slopes too), 'model' for every other parameter."""
+  return jax.tree.map(lambda v: 'temperature' if isinstance(v, Temperature) else 'model', params,
+                      is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  t = cfg.train
+  weights = _adamw(cfg, t.learning_rate, t.weight_decay, t.clip_norm, _decay_mask)
+  if t.trainable != 'model+temperature':
+    return weights
+  # Two partitions, each clipped by its own global norm, with its own rate and decay: the few
+  # temperatures would otherwise be clipped by the weights' gradient norm and move at their rate.
+  # Their decay (default 0) pulls every temperature toward 0, vectors included.
+  temperatures = _adamw(cfg, t.temperature.learning_rate, t.temperature.weight_decay, t.temperature.clip_norm, None)
+  return optax.multi_transform({'model': weights, 'temperature': temperatures}, partition_labels)
+
+
 def clamp_temperatures(params, minimum: float):
-  """Projects every temperature in `params` onto c >= minimum (the paper's focus constraint)."""
+  """Projects every temperature in `params` onto c >= minimum (the paper's focus constraint); the log
+  schedule's slopes a_h are left free."""
   def clamp(v):
-    return v.replace(jnp.maximum(v[...], minimum)) if isinstance(v, Temperature) else v
+    is_temperature = isinstance(v, Temperature) and not isinstance(v, TemperatureSlope)
+    return v.replace(jnp.maximum(v[...], minimum)) if is_temperature else v
   return jax.tree.map(clamp, params, is_leaf=lambda v: isinstance(v, nnx.Variable))

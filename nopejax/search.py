@@ -16,11 +16,12 @@ from nopejax.config import ConfigError
 from nopejax.model import Temperature
 
 
-def temperatures_by_layer(state) -> list[list[float]]:
-  """[layer][head] temperatures of any state holding them (a model state or the search's params)."""
+def temperatures_by_layer(state, name='temperature') -> list[list[float]]:
+  """[layer][head] temperatures of any state holding them (a model state or the search's params);
+  name='temperature_slope' gives the log schedule's slopes a_h ([] for another schedule)."""
   blocks = nnx.to_pure_dict(nnx.filter_state(state, Temperature))['blocks']
-  return [np.asarray(jax.device_get(blocks[i]['attention']['temperature']), np.float64).tolist()
-          for i in sorted(blocks)]
+  return [np.asarray(jax.device_get(blocks[i]['attention'][name]), np.float64).tolist()
+          for i in sorted(blocks) if name in blocks[i]['attention']]
 
 
 def uniform_sweep(cfg, params, frozen, validation_loss):
@@ -64,12 +65,13 @@ def start_state(cfg, workdir, graphdef, abstract, shardings, tx, validation_loss
   return state, {'workdir': str(base_dir), 'step': base_step}
 
 
-def write_temperatures(workdir, temperatures) -> None:
-  """WORKDIR/temperatures.json and a layers x heads heatmap, temperatures.png."""
+def write_temperatures(workdir, temperatures, slopes=()) -> None:
+  """WORKDIR/temperatures.json (with the log schedule's slopes, if any) and a layers x heads heatmap, temperatures.png."""
   if jax.process_index() != 0:
     return
   workdir = paths.resolve(workdir)
-  paths.write_text(workdir / 'temperatures.json', json.dumps({'temperatures': temperatures}, indent=1))
+  record = {'temperatures': temperatures, **({'slopes': slopes} if slopes else {})}
+  paths.write_text(workdir / 'temperatures.json', json.dumps(record, indent=1))
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt

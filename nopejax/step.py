@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nopejax import data, optim, sharding
+from nopejax import config, data, optim, sharding
 from nopejax.model import Transformer
 
 
@@ -51,6 +51,21 @@ def loss_sums(cfg, model, batch):
   return cross_entropy(model.head(x_BxTxD), batch['targets'], batch['loss_mask'])
 
 
+def length_weights(mask_BxT, lengths):
+  """Per-token weights w such that sum(loss * w) is the mean over target lengths n of the mean loss
+  of the windows' first n tokens (lengths = (T,): the plain mean over unmasked tokens).
+
+  A window's first n tokens are a window of n tokens (attention is causal and packed documents
+  restart their positions), so one batch at the longest length trains every shorter one too. As
+  weights on the tokens, the mix goes through microbatches and loss chunks unchanged.
+  """
+  weight_T = jnp.zeros(mask_BxT.shape[1], jnp.float32)
+  for n in lengths:
+    first_n_T = (jnp.arange(mask_BxT.shape[1]) < n).astype(jnp.float32)
+    weight_T += first_n_T / jnp.maximum(jnp.sum(mask_BxT * first_n_T), 1.0)
+  return mask_BxT * weight_T / len(lengths)
+
+
 def _segments(cfg, batch):
   """Segment ids keep packed documents apart; batch['positions'] restart at each document then."""
   return batch['segment_ids'] if cfg.data.separate_documents else None
@@ -60,17 +75,19 @@ def make_train_step(cfg, graphdef, tx):
   """Returns train_step(state, batch) -> (state, metrics), to be jitted by the caller."""
   schedule = optim.learning_rate_schedule(cfg)
   clamp = cfg.train.trainable == 'temperature'
+  lengths = config.search_lengths(cfg)  # (data.seq_len,) unless search.lengths mixes several.
 
   microbatches = cfg.train.microbatches
 
-  def loss_fn(params, frozen, batch, tokens):
-    """The batch's summed loss over the whole step's token count: summed over microbatches, the mean."""
-    return loss_sums(cfg, nnx.merge(graphdef, params, frozen), batch)[0] / tokens
+  def loss_fn(params, frozen, batch):
+    """The batch's loss weighted per token (length_weights): summed over microbatches, the whole mean."""
+    return loss_sums(cfg, nnx.merge(graphdef, params, frozen), batch)[0]
 
   def loss_and_grads(params, frozen, batch):
-    tokens = jnp.maximum(jnp.sum(batch['loss_mask']), 1.0)
+    # Weights from the whole batch, so microbatches add up to exactly the whole batch's loss.
+    batch = dict(batch, loss_mask=length_weights(batch['loss_mask'], lengths))
     if microbatches == 1:
-      return jax.value_and_grad(loss_fn)(params, frozen, batch, tokens)
+      return jax.value_and_grad(loss_fn)(params, frozen, batch)
 
     # Microbatch i is rows i, i + k, i + 2k, ...: each device keeps its own rows, nothing moves.
     def slices(a_BxT):
@@ -78,7 +95,7 @@ def make_train_step(cfg, graphdef, tx):
 
     def accumulate(sums, microbatch):
       microbatch = {k: sharding.constrain(v, ('batch', 'seq'), cfg.mesh.rules) for k, v in microbatch.items()}
-      loss, grads = jax.value_and_grad(loss_fn)(params, frozen, microbatch, tokens)
+      loss, grads = jax.value_and_grad(loss_fn)(params, frozen, microbatch)
       return jax.tree.map(jnp.add, sums, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))

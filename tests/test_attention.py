@@ -283,3 +283,16 @@ def test_splash_gradient_compiles_for_a_tpu_slice():
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, segment_ids).compile()
   assert 'tpu_custom_call' in compiled.as_text()  # The Mosaic kernels, forward and backward.
   assert compiled.memory_analysis().temp_size_in_bytes < 1000 * 1000 * 8 * 4  # No [T, T] logits per head.
+
+
+def test_query_temperatures_follow_each_schedules_formula():
+  positions_1xT = jnp.arange(40)[None]  # 1-based i = 1 .. 40
+  i = np.arange(1, 41, dtype=np.float64)[:, None]
+  c, a = jnp.array([1.5, 0.8]), jnp.array([0.3, -0.1])
+  np.testing.assert_array_equal(attention.query_temperatures('constant', positions_1xT, 16, c)[0, 0], c)
+  log = attention.query_temperatures('log', positions_1xT, 16, c, a)[0]
+  expected = np.where(i <= 16, 1.0, np.asarray(c) + np.asarray(a) * np.log(i / 16))
+  np.testing.assert_allclose(log, expected, rtol=1e-6)
+  assert np.all(np.asarray(log[:16]) == 1.0)  # Exactly 1 within L: the base model there.
+  ssmax = attention.query_temperatures('ssmax', positions_1xT, 16, c)[0]
+  np.testing.assert_allclose(ssmax, np.asarray(c) * np.log(i), rtol=1e-6, atol=1e-7)

@@ -52,6 +52,10 @@ def test_base_config_is_valid_and_locked():
     ({'model__remat': 'dots'}, "model.remat='dots' is not one of"),
     ({'train__microbatches': 5}, 'train.microbatches=5 does not divide train.batch_size=32'),
     ({'train__loss_chunk': 48}, 'train.loss_chunk=48 does not divide data.seq_len=64'),
+    ({'model__temperature_schedule': 'cosine'}, "model.temperature_schedule='cosine' is not one of"),
+    ({'train__trainable': 'temperature', 'model__temperature_schedule': 'log'},
+     "model.temperature_schedule='log' in a search needs model.temperature_length"),
+    ({'search__lengths': (64, 128)}, 'search.lengths=(64, 128) must be positive lengths up to data.seq_len=64'),
 ])
 def test_bad_values_name_the_key(changes, message):
   with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('.', r'\.')):

@@ -259,3 +259,48 @@ def test_cached_decoding_equals_the_full_forward_pass(position):
   np.testing.assert_allclose(prefill_logits[0, :9], full[0, :9], atol=1e-5)
   for step, logits in enumerate(step_logits):
     np.testing.assert_allclose(logits, full[jnp.arange(2), prompt_lengths + step], atol=1e-5)
+
+
+def schedule_config(schedule):
+  cfg = small_config()
+  cfg.model.temperature_schedule, cfg.model.temperature_length = schedule, 8
+  return cfg
+
+
+def test_log_schedule_is_the_base_model_within_its_length():
+  base, m = make(small_config()), make(schedule_config('log'))  # Same seed: the same weights.
+  for block in m.blocks:
+    block.attention.temperature[...] = jnp.array([1.5, 2.0, 0.7, 1.2])
+    block.attention.temperature_slope[...] = jnp.array([0.5, -0.2, 0.1, 1.0])
+  tokens = jax.random.randint(jax.random.key(6), (2, 16), 0, 256)
+  logits, base_logits = forward(m, tokens), forward(base, tokens)
+  np.testing.assert_array_equal(logits[:, :8], base_logits[:, :8])
+  assert np.abs(logits[:, 8:] - base_logits[:, 8:]).max() > 1e-3
+  # Slopes are not temperatures for a uniform c: set_temperatures leaves them.
+  state = model.set_temperatures(nnx.state(m), 1.3)
+  np.testing.assert_array_equal(state['blocks'][0]['attention']['temperature_slope'][...], np.float32([0.5, -0.2, 0.1, 1.0]))
+
+
+@pytest.mark.parametrize('schedule', ['log', 'ssmax'])
+def test_schedules_agree_across_kernels_and_the_long_context_paths(schedule):
+  """xla, chunked, the chunked evaluation forward and cached decoding all see each query's position."""
+  cfg = schedule_config(schedule)
+  m = make(cfg)
+  for block in m.blocks:
+    block.attention.temperature[...] = jnp.array([1.2, 0.6, 0.9, 1.5])
+    if schedule == 'log':
+      block.attention.temperature_slope[...] = jnp.array([0.4, 0.2, -0.1, 0.8])
+  tokens = jax.random.randint(jax.random.key(7), (2, 20), 0, 256)
+  reference = forward(m, tokens)
+  for block in m.blocks:
+    block.attention.implementation, block.attention.block_size = 'chunked', 8
+  np.testing.assert_allclose(forward(m, tokens), reference, atol=1e-5)
+  x, _ = nnx.jit(lambda m, t: m.forward_chunked(t, 8))(m, tokens)
+  np.testing.assert_allclose(m.head(x), reference, atol=1e-5)
+
+  @nnx.jit
+  def decode_tail(m, tokens):
+    _, cache = m.prefill(tokens[:, :12], 20, query_chunk=4)
+    return [m.decode(tokens[:, i], cache, jnp.full((2,), i))[0] for i in (12,)]
+
+  np.testing.assert_allclose(decode_tail(m, tokens)[0], reference[:, 12], atol=1e-5)

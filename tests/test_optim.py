@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from conftest import small_config
@@ -63,3 +64,26 @@ def test_clamp_projects_only_temperatures():
     if str(path[-2].key) == 'temperature':
       np.testing.assert_array_equal(leaf, 1.0)
   np.testing.assert_array_equal(clamped['embed_VxD'][...], state['embed_VxD'][...])
+
+
+def test_model_and_temperature_partitions_move_with_their_own_rate_and_clipping():
+  cfg = small_config()
+  cfg.train.trainable = 'model+temperature'
+  cfg.model.temperature_schedule, cfg.model.temperature_length = 'log', 8
+  cfg.train.warmup_steps, cfg.train.weight_decay = 0, 0.0
+  cfg.train.learning_rate, cfg.train.clip_norm = 1e-3, 1.0
+  cfg.train.temperature.learning_rate, cfg.train.temperature.clip_norm = 0.1, 1e-2
+  _, params, frozen = split(cfg)
+  assert {'temperature', 'temperature_slope', 'q_DxHxDh'} <= names(params) and not names(frozen)
+  tx = optim.make_optimizer(cfg)
+  is_temperature = lambda path: 'temperature' in str(path[-2].key)
+  grads = jax.tree_util.tree_map_with_path(lambda path, p: jnp.full_like(p, 1.0 if is_temperature(path) else 100.0), params)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    # Adam's first step moves every coordinate by its partition's rate, whatever the gradient's size.
+    np.testing.assert_allclose(np.abs(update), 0.1 if is_temperature(path) else 1e-3, rtol=1e-3)
+  # Each partition was clipped to its own norm: Adam's first moment is (1 - b1) x the clipped gradient.
+  adam = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)]
+  norms = sorted(float(optax.tree.norm(s.mu)) for s in adam)
+  np.testing.assert_allclose(norms, [(1 - cfg.train.b1) * 1e-2, (1 - cfg.train.b1) * 1.0], rtol=1e-4)

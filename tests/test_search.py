@@ -231,3 +231,19 @@ def test_a_base_that_cannot_be_pinned_is_refused_with_the_fix(tmp_path, monkeypa
   with pytest.raises(ConfigError, match=r'Cannot pin step 40 of search.base=.* against its rotation \(PermissionError: '
                      r'.*\); make that directory writable, or copy its config.json and checkpoints/40 to a directory'):
     checkpoint.pin(str(tmp_path / 'base'), 40, str(tmp_path / 'search'))
+
+
+def test_log_search_over_mixed_lengths_starts_from_a_constant_base(base_run, tfds_dir, tmp_path):
+  """The base has no slopes: they start at 0; the search trains c_h and a_h; within L it is the base."""
+  cfg = search_config(tfds_dir, base_run)
+  cfg.train.steps, cfg.train.warmup_steps, cfg.train.eval_every, cfg.train.checkpoint_every = 4, 1, 0, 4
+  cfg.model.temperature_schedule, cfg.model.temperature_length = 'log', PRETRAIN_LENGTH
+  cfg.search.lengths, cfg.search.init = (2 * PRETRAIN_LENGTH, 4 * PRETRAIN_LENGTH), '1.0'
+  loop.run(cfg, str(tmp_path))
+  record = json.loads((tmp_path / 'temperatures.json').read_text())
+  assert np.array(record['slopes']).shape == (2, 4) and np.abs(record['slopes']).max() > 0
+  searched, base = nopejax.load(str(tmp_path))[0], nopejax.load(base_run)[0]
+  tokens = jax.random.randint(jax.random.key(0), (2, 4 * PRETRAIN_LENGTH), 0, 256)
+  logits, base_logits = searched(tokens), base(tokens)
+  np.testing.assert_array_equal(logits[:, :PRETRAIN_LENGTH], base_logits[:, :PRETRAIN_LENGTH])
+  assert np.abs(logits[:, PRETRAIN_LENGTH:] - base_logits[:, PRETRAIN_LENGTH:]).max() > 1e-4

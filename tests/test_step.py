@@ -101,3 +101,12 @@ def test_steps_place_tokens_at_the_batch_positions():
   spread, _ = eval_step(state['params'], state['frozen'], dict(batch, positions=batch['positions'] * 3))
   np.testing.assert_allclose(float(shifted), float(total), rtol=1e-5)  # Relative positions only.
   assert abs(float(spread) - float(total)) > 1e-3
+
+
+def test_length_weights_weigh_each_target_length_equally():
+  losses = jnp.arange(8.0)[None].repeat(2, axis=0)  # Loss t at position t.
+  mask = jnp.ones((2, 8)).at[1, 1].set(0.0)
+  first2 = (0 + 1 + 0) / 3  # Row 1's position 1 is masked.
+  all8 = (2 * 28 - 1) / 15
+  np.testing.assert_allclose(jnp.sum(losses * step_lib.length_weights(mask, (2, 8))), (first2 + all8) / 2, rtol=1e-6)
+  np.testing.assert_allclose(jnp.sum(losses * step_lib.length_weights(mask, (8,))), all8, rtol=1e-6)

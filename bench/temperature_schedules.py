@@ -1,0 +1,112 @@
+"""Loss by position band of every temperature form of issue 13, over seeds: the tiny model (L = 64).
+
+  .venv/bin/python bench/temperature_schedules.py --root /work/runs/issue13 --out /work/runs/issue13/bands.json
+
+Reads the workdirs ROOT/<form>_s<seed> that hold a finished run (see `FORMS`) and, for each base
+model, also scores zero-shot forms that need no training (a uniform c = 1.5; log-n scaling, the
+log schedule with c = 1 and a = 1 / ln L). Each model reads the first `--documents` test-split
+files that have 16L + 1 bytes, 16L at once (position i sees the file's bytes 0..i), and the
+next-byte loss is averaged in bands 0-L, L-2L, 2L-4L, 4L-8L and 8L-16L (evaluate.position_stats,
+as `python -m nopejax.evaluate` reports it). Prints a markdown table of mean and sample standard
+deviation over seeds, and writes every run's bands to --out.
+"""
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import nopejax  # noqa: E402
+from nopejax import checkpoint, data, evaluate  # noqa: E402
+from nopejax.model import Transformer  # noqa: E402
+
+# (form, workdir prefix, what it is); a workdir is PREFIX_s<seed>.
+FORMS = (
+    ('base', 'base', 'NoPE pretrained plainly (configs/tiny.py), temperature 1'),
+    ('uniform c=1.5', 'base', 'the base model with every temperature 1.5, zero-shot'),
+    ('log-n', 'base', 'the base model with tau = max(1, 1 + ln(i/L) / ln L), zero-shot (log with c=1, a=1/ln L)'),
+    ('constant searched at 16L', 'cs16', 'per-head c_h, 200 steps at 1024 (configs/tiny_search.py, seq_len 1024)'),
+    ('log searched over 2L-16L', 'mix', 'per-head c_h, a_h, 200 steps over 128/256/512/1024 (configs/tiny_search_mix.py)'),
+    ('log searched over 2L-16L, long-weighted', 'mixlong', 'as above, lengths (256, 512, 1024, 1024)'),
+    ('learned constant', 'lt_const', 'pretrained with trainable c_h (configs/tiny_learned_temperature.py)'),
+    ('learned log (L=16)', 'lt_log', 'pretrained with trainable c_h, a_h beyond 16'),
+    ('learned ssmax', 'lt_ssmax', 'pretrained with trainable s_h, tau = s_h ln i'),
+)
+
+
+def finished(workdir: pathlib.Path) -> bool:
+  if not (workdir / 'config.json').exists():
+    return False
+  step = checkpoint.latest_step(str(workdir))
+  cfg = json.loads((workdir / 'config.json').read_text())
+  return step is not None and step == cfg['train']['steps']
+
+
+def with_log_schedule(model, cfg, c, a):
+  """The loaded constant-schedule model as a log-schedule one: tau = 1 up to L, c + a ln(i / L) beyond."""
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.temperature_schedule, cfg.model.temperature_length = 'log', cfg.data.seq_len
+  log_model = Transformer(cfg, nnx.Rngs(0))
+  nnx.update(log_model, nnx.state(model))
+  for block in log_model.blocks:
+    block.attention.temperature[...] = jnp.full_like(block.attention.temperature[...], c)
+    block.attention.temperature_slope[...] = jnp.full_like(block.attention.temperature_slope[...], a)
+  return log_model
+
+
+def models_of(form, workdir):
+  if form == 'uniform c=1.5':
+    return nopejax.load(str(workdir), 1.5)[0]
+  model, cfg = nopejax.load(str(workdir))
+  if form == 'log-n':
+    return with_log_schedule(model, cfg, 1.0, 1.0 / math.log(cfg.data.seq_len))
+  return model
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--root', default='/work/runs/issue13')
+  parser.add_argument('--out', default='')
+  parser.add_argument('--length', type=int, default=16 * 64)
+  parser.add_argument('--pretrain_length', type=int, default=64)
+  parser.add_argument('--documents', type=int, default=64)
+  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+  args = parser.parse_args()
+  root = pathlib.Path(args.root)
+  documents = None
+  runs = {}
+  for form, prefix, _ in FORMS:
+    for seed in args.seeds:
+      workdir = root / f'{prefix}_s{seed}'
+      if not finished(workdir):
+        continue
+      model = models_of(form, workdir)
+      if documents is None:
+        documents = evaluate._CachedDocuments(data.documents(nopejax.load(str(workdir))[1], 'test'))
+      stats = evaluate.position_stats(model, documents, args.length, args.documents, 1, 8, 256)
+      bands = evaluate._band_means(stats['loss_by_position'], args.pretrain_length)
+      runs.setdefault(form, {})[seed] = bands
+      print(form, seed, {k: round(v, 4) for k, v in bands.items()}, f'({stats["position_documents"]} documents)',
+            flush=True)
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(runs, indent=1))
+  bands = list(next(iter(next(iter(runs.values())).values())))
+  print('\n| form | seeds | ' + ' | '.join(bands) + ' |\n|---|---|' + '---|' * len(bands))
+  for form, by_seed in runs.items():
+    values = np.array([[by_seed[s][b] for b in bands] for s in sorted(by_seed)])
+    spread = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(bands))
+    cells = [f'{m:.3f} ± {s:.3f}' for m, s in zip(values.mean(axis=0), spread)]
+    print(f'| {form} | {len(values)} | ' + ' | '.join(cells) + ' |')
+
+
+if __name__ == '__main__':
+  main()
