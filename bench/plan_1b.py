@@ -30,7 +30,7 @@ if __name__ == '__main__':
   topology = sys.argv[2] if len(sys.argv) > 2 else 'v5e-256'
   if what == 'compile':
     for layers in (4, 11, 22):
-      for scan in (False, True):
+      for scan in (True, False):
         report(topology, model__num_layers=layers, model__scan_layers=scan)
   elif what == 'remat':
     for remat in sys.argv[3:] or config.REMAT:
