@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_base_config_is_valid_and_locked():
     ({'search__lengths': (64, 128)}, 'search.lengths=(64, 128) must be positive lengths up to data.seq_len=64'),
 ])
 def test_bad_values_name_the_key(changes, message):
-  with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('.', r'\.')):
+  with pytest.raises(ConfigError, match=re.escape(message)):
     checked(**changes)
 
 
