@@ -1,7 +1,7 @@
 """The 1B step compiled for TPU slices from this machine (nopejax.plan): compile time by depth with
 and without scan over layers, and memory and FLOPs per chip by remat policy.
 
-  .venv/bin/python bench/plan_1b.py compile [TOPOLOGY]   # 4, 11, 22 layers x scan off/on; default v5e-256
+  .venv/bin/python bench/plan_1b.py compile [TOPOLOGY [LAYERS:scan|LAYERS:unrolled ...]]  # default 4, 11, 22 x both; v5e-256
   .venv/bin/python bench/plan_1b.py remat [TOPOLOGY [POLICY ...]]  # each (or each named) model.remat policy, scan on
 
 One JSON line per compile (nopejax.plan's report plus the settings) on stdout.
@@ -29,9 +29,9 @@ if __name__ == '__main__':
   what = sys.argv[1]
   topology = sys.argv[2] if len(sys.argv) > 2 else 'v5e-256'
   if what == 'compile':
-    for layers in (4, 11, 22):
-      for scan in (True, False):
-        report(topology, model__num_layers=layers, model__scan_layers=scan)
+    runs = [arg.split(':') for arg in sys.argv[3:]] or [(n, s) for n in (4, 11, 22) for s in ('scan', 'unrolled')]
+    for layers, scan in runs:
+      report(topology, model__num_layers=int(layers), model__scan_layers=scan == 'scan')
   elif what == 'remat':
     for remat in sys.argv[3:] or config.REMAT:
       report(topology, model__remat=remat)
