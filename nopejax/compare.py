@@ -261,7 +261,8 @@ def main(argv):
     cfg = FLAGS.config
     config.validate(cfg)
     if FLAGS.seeds < 1 or FLAGS.steps < 0:
-      raise config.ConfigError(f'--seeds={FLAGS.seeds} must be at least 1 and --steps={FLAGS.steps} not negative.')
+      raise config.ConfigError(f'--seeds={FLAGS.seeds} must be at least 1 and --steps={FLAGS.steps} not negative; '
+                               'set e.g. --seeds 3 --steps 600.')
     run(cfg, FLAGS.out, FLAGS.seeds, FLAGS.steps, FLAGS.temperature, FLAGS.fast_eval)
   except config.ConfigError as e:
     config.exit_with_sentence(str(e))
