@@ -8,7 +8,8 @@ log schedule with c = 1 and a = 1 / ln L). Each model reads the first `--documen
 files that have 16L + 1 bytes, 16L at once (position i sees the file's bytes 0..i), and the
 next-byte loss is averaged in bands 0-L, L-2L, 2L-4L, 4L-8L and 8L-16L (evaluate.position_stats,
 as `python -m nopejax.evaluate` reports it). Prints a markdown table of mean and sample standard
-deviation over seeds, and writes every run's bands to --out.
+deviation over seeds, and writes every run's bands to --out (and each beside its run, read back
+the next time instead of computed again).
 """
 import argparse
 import json
@@ -35,6 +36,8 @@ FORMS = (
     ('uniform c=1.5', 'base', 'the base model with every temperature 1.5, zero-shot'),
     ('log-n', 'base', 'the base model with tau = max(1, 1 + ln(i/L) / ln L), zero-shot (log with c=1, a=1/ln L)'),
     ('constant searched at 16L', 'cs16', 'per-head c_h, 200 steps at 1024 (configs/tiny_search.py, seq_len 1024)'),
+    ('constant searched at 16L, applied beyond L only', 'cs16',
+     'the searched c_h for queries past L, 1 within L, zero-shot (log with c = c_h, a = 0)'),
     ('log searched over 2L-16L', 'mix', 'per-head c_h, a_h, 200 steps over 128/256/512/1024 (configs/tiny_search_mix.py)'),
     ('log searched over 2L-16L, long-weighted', 'mixlong', 'as above, lengths (256, 512, 1024, 1024)'),
     ('learned constant', 'lt_const', 'pretrained with trainable c_h (configs/tiny_learned_temperature.py)'),
@@ -51,24 +54,27 @@ def finished(workdir: pathlib.Path) -> bool:
   return step is not None and step == cfg['train']['steps']
 
 
-def with_log_schedule(model, cfg, c, a):
-  """The loaded constant-schedule model as a log-schedule one: tau = 1 up to L, c + a ln(i / L) beyond."""
+def with_log_schedule(model, cfg, pretrain_length, c_of_layer, a):
+  """The loaded constant-schedule model as a log-schedule one: tau = 1 up to L, c + a ln(i / L) beyond,
+  with c_of_layer(layer, block) the c_h of each layer (a number or [heads])."""
   cfg = cfg.copy_and_resolve_references()
-  cfg.model.temperature_schedule, cfg.model.temperature_length = 'log', cfg.data.seq_len
+  cfg.model.temperature_schedule, cfg.model.temperature_length = 'log', pretrain_length
   log_model = Transformer(cfg, nnx.Rngs(0))
   nnx.update(log_model, nnx.state(model))
-  for block in log_model.blocks:
-    block.attention.temperature[...] = jnp.full_like(block.attention.temperature[...], c)
+  for layer, (block, source) in enumerate(zip(log_model.blocks, model.blocks)):
+    block.attention.temperature[...] = jnp.broadcast_to(c_of_layer(layer, source), (cfg.model.num_heads,))
     block.attention.temperature_slope[...] = jnp.full_like(block.attention.temperature_slope[...], a)
   return log_model
 
 
-def models_of(form, workdir):
+def models_of(form, workdir, pretrain_length):
   if form == 'uniform c=1.5':
     return nopejax.load(str(workdir), 1.5)[0]
   model, cfg = nopejax.load(str(workdir))
   if form == 'log-n':
-    return with_log_schedule(model, cfg, 1.0, 1.0 / math.log(cfg.data.seq_len))
+    return with_log_schedule(model, cfg, pretrain_length, lambda layer, block: 1.0, 1.0 / math.log(pretrain_length))
+  if form.endswith('beyond L only'):
+    return with_log_schedule(model, cfg, pretrain_length, lambda layer, block: block.attention.temperature[...], 0.0)
   return model
 
 
@@ -89,14 +95,19 @@ def main():
       workdir = root / f'{prefix}_s{seed}'
       if not finished(workdir):
         continue
-      model = models_of(form, workdir)
-      if documents is None:
-        documents = evaluate._CachedDocuments(data.documents(nopejax.load(str(workdir))[1], 'test'))
-      stats = evaluate.position_stats(model, documents, args.length, args.documents, 1, 8, 256)
-      bands = evaluate._band_means(stats['loss_by_position'], args.pretrain_length)
+      # Each run's bands are kept beside it, so this can run as runs finish and again at the end.
+      cached = workdir / f'bands_{"".join(ch if ch.isalnum() else "_" for ch in form)}_{args.documents}.json'
+      if cached.exists():
+        bands = json.loads(cached.read_text())
+      else:
+        model = models_of(form, workdir, args.pretrain_length)
+        if documents is None:
+          documents = evaluate._CachedDocuments(data.documents(nopejax.load(str(workdir))[1], 'test'))
+        stats = evaluate.position_stats(model, documents, args.length, args.documents, 1, 8, 256)
+        bands = evaluate._band_means(stats['loss_by_position'], args.pretrain_length)
+        cached.write_text(json.dumps(bands))
       runs.setdefault(form, {})[seed] = bands
-      print(form, seed, {k: round(v, 4) for k, v in bands.items()}, f'({stats["position_documents"]} documents)',
-            flush=True)
+      print(form, seed, {k: round(v, 4) for k, v in bands.items()}, flush=True)
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(runs, indent=1))
   bands = list(next(iter(next(iter(runs.values())).values())))
