@@ -427,6 +427,11 @@ def to_hf_dir(workdir, hf_dir, dtype='auto', fold_temperatures=False, max_shard_
   if dtype != 'auto' and dtype not in DTYPES:
     raise ConfigError(f"--dtype {dtype} is not one of {('auto',) + tuple(DTYPES)}; pick one of those.")
   model, cfg = nopejax.load(workdir)
+  m = cfg.model
+  if m.position not in ('nope', 'rope') or m.rope_scaling != 'none' or m.logn or m.llama4_scaling:
+    # transformers' Llama would load the weights and silently attend without the bias or the scaling.
+    raise ConfigError(f'{workdir} uses model.position={m.position}, rope_scaling={m.rope_scaling}, logn={m.logn}, '
+                      f'llama4_scaling={m.llama4_scaling}; only plain NoPE and RoPE models export to Llama.')
   source = _source_of(workdir, cfg)
   source_dtypes = (source or {}).get('dtypes', {})
   pure = nnx.to_pure_dict(nnx.state(model))

@@ -263,3 +263,15 @@ def test_the_checkpoints_sentencepiece_model_becomes_the_runs_tokenizer(tmp_path
   assert data.make_tokenizer(cfg).vocab_size == 50
   convert.to_hf_dir(str(workdir), str(tmp_path / 'back'))
   assert (tmp_path / 'back' / 'tokenizer.model').read_bytes() == (hf_dir / 'tokenizer.model').read_bytes()
+
+
+def test_models_with_a_bias_or_a_scaling_do_not_export_to_llama(converted, tmp_path):
+  """transformers' Llama would attend without a RoPE scaling (or ALiBi's bias): refused, nothing written."""
+  workdir = tmp_path / 'yarn'
+  shutil.copytree(converted['rope'], workdir)
+  saved = json.loads((workdir / 'config.json').read_text())
+  saved['model']['rope_scaling'] = 'yarn'
+  (workdir / 'config.json').write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match='rope_scaling=yarn.*only plain NoPE and RoPE models export to Llama'):
+    convert.to_hf_dir(str(workdir), str(tmp_path / 'hf'))
+  assert not (tmp_path / 'hf').exists()
