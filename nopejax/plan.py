@@ -162,9 +162,9 @@ def _size(n_bytes) -> str:
 
 
 def _refused(message, argument_bytes):
-  """(hbm, arguments, temporaries, total) bytes from XLA:TPU's out-of-memory refusal; the figures it
-  does not give are None; None for any other error. Two wordings: 'Used 50.70G of 15.75G hbm' and 'the total memory required
-  for HLO temporaries (23.26G) exceeds available HBM (15.75G)'."""
+  """(hbm, arguments, temporaries, total) bytes from XLA:TPU's out-of-memory refusal, None for the
+  figures it does not give; None for any other error. Two wordings: 'Used 50.70G of 15.75G hbm' and
+  'the total memory required for HLO temporaries (23.26G) exceeds available HBM (15.75G)'."""
   unit = {'K': 2**10, 'M': 2**20, 'G': GiB, 'T': 2**40}
   size = lambda number, letter: float(number) * unit[letter]
   used = re.search(r'Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm', message)
