@@ -39,7 +39,6 @@ FORMS = (
     ('constant searched at 16L, applied beyond L only', 'cs16',
      'the searched c_h for queries past L, 1 within L, zero-shot (log with c = c_h, a = 0)'),
     ('log searched over 2L-16L', 'mix', 'per-head c_h, a_h, 200 steps over 128/256/512/1024 (configs/tiny_search_mix.py)'),
-    ('log searched over 2L-16L, long-weighted', 'mixlong', 'as above, lengths (256, 512, 1024, 1024)'),
     ('learned constant', 'lt_const', 'pretrained with trainable c_h (configs/tiny_learned_temperature.py)'),
     ('learned log (L=16)', 'lt_log', 'pretrained with trainable c_h, a_h beyond 16'),
     ('learned ssmax', 'lt_ssmax', 'pretrained with trainable s_h, tau = s_h ln i'),
@@ -114,8 +113,10 @@ def main():
   print('\n| form | seeds | ' + ' | '.join(bands) + ' |\n|---|---|' + '---|' * len(bands))
   for form, by_seed in runs.items():
     values = np.array([[by_seed[s][b] for b in bands] for s in sorted(by_seed)])
-    spread = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(bands))
-    cells = [f'{m:.3f} ± {s:.3f}' for m, s in zip(values.mean(axis=0), spread)]
+    if len(values) > 1:
+      cells = [f'{m:.3f} ± {s:.3f}' for m, s in zip(values.mean(axis=0), values.std(axis=0, ddof=1))]
+    else:
+      cells = [f'{m:.3f}' for m in values[0]]
     print(f'| {form} | {len(values)} | ' + ' | '.join(cells) + ' |')
 
 
