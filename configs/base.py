@@ -132,6 +132,9 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.search.base = ''  # Workdir of the pretrained model whose weights are frozen.
   cfg.search.init = '1.0'  # Every temperature's start: a number, or 'auto' for the best uniform c.
   cfg.search.min_temperature = 1.0  # Projection after each update: c_h >= this.
+  # Projection of the log schedule's slopes after each update: a_h >= this (a number as a string, e.g.
+  # '0' keeps every temperature >= c_h past L); '' leaves them free.
+  cfg.search.min_slope = ''
   cfg.search.init_candidates = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5)  # Uniform values tried by init='auto'.
   # Target lengths searched together, each <= data.seq_len: the loss is the mean over lengths n of the
   # mean loss of each window's first n tokens (= a window of n tokens); () = data.seq_len alone.

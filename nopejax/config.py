@@ -61,6 +61,16 @@ def search_init(cfg):
     raise ConfigError(f"search.init={cfg.search.init!r} is neither a number nor 'auto'; set it to e.g. 1.6 or auto.")
 
 
+def search_min_slope(cfg):
+  """`search.min_slope` as a float, or None ('' : the log schedule's slopes are free)."""
+  if cfg.search.min_slope == '':
+    return None
+  try:
+    return float(cfg.search.min_slope)
+  except ValueError:
+    raise ConfigError(f"search.min_slope={cfg.search.min_slope!r} is neither a number nor ''; set it to e.g. 0 or ''.")
+
+
 def _flat_keys(cfg, prefix=''):
   keys = set()
   for key, value in cfg.items():
@@ -175,6 +185,7 @@ def validate(cfg) -> None:
     raise ConfigError('train.temperature.learning_rate and .weight_decay must not be negative and .clip_norm must be '
                       'positive; set e.g. 0.01, 0.0 and 1.0.')
   init = search_init(cfg)
+  search_min_slope(cfg)
   if t.trainable == 'temperature' and init != 'auto' and init < cfg.search.min_temperature:
     raise ConfigError(f'search.init={init} is below search.min_temperature={cfg.search.min_temperature}, so the first '
                       'update would clamp it; set search.init to at least that, or lower search.min_temperature.')

@@ -62,10 +62,11 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   return optax.multi_transform({'model': weights, 'temperature': temperatures}, partition_labels)
 
 
-def clamp_temperatures(params, minimum: float):
-  """Projects every temperature in `params` onto c >= minimum (the paper's focus constraint); the log
-  schedule's slopes a_h are left free."""
+def clamp_temperatures(params, minimum: float, min_slope: float | None = None):
+  """Projects every temperature in `params` onto c >= minimum (the paper's focus constraint), and the
+  log schedule's slopes onto a_h >= min_slope (None: left free)."""
   def clamp(v):
-    is_temperature = isinstance(v, Temperature) and not isinstance(v, TemperatureSlope)
-    return v.replace(jnp.maximum(v[...], minimum)) if is_temperature else v
+    if isinstance(v, TemperatureSlope):
+      return v if min_slope is None else v.replace(jnp.maximum(v[...], min_slope))
+    return v.replace(jnp.maximum(v[...], minimum)) if isinstance(v, Temperature) else v
   return jax.tree.map(clamp, params, is_leaf=lambda v: isinstance(v, nnx.Variable))

@@ -49,6 +49,7 @@ def test_base_config_is_valid_and_locked():
     ({'train__trainable': 'temperature', 'search__init': '0.8'},
      'search.init=0.8 is below search.min_temperature=1.0, so the first update would clamp it'),
     ({'search__init': 'warm'}, "search.init='warm' is neither a number nor 'auto'"),
+    ({'search__min_slope': 'none'}, "search.min_slope='none' is neither a number nor ''"),
     ({'search__base': 'runs/x'}, "search.base is set but train.trainable is 'model'"),
     ({'model__remat': 'dots'}, "model.remat='dots' is not one of"),
     ({'train__microbatches': 5}, 'train.microbatches=5 does not divide train.batch_size=32'),

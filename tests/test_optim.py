@@ -55,15 +55,23 @@ def test_schedule_warms_up_then_decays_to_the_final_fraction():
   np.testing.assert_allclose(float(schedule(100)), 0.01, rtol=1e-6)
 
 
-def test_clamp_projects_only_temperatures():
+def test_clamp_projects_temperatures_and_slopes_only_with_min_slope():
   cfg = small_config()
+  cfg.model.temperature_schedule = 'log'
   m = model.Transformer(cfg, nnx.Rngs(0))
   state = model.set_temperatures(nnx.state(m, nnx.Param), 0.5)
-  clamped = optim.clamp_temperatures(state, 1.0)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(clamped)[0]:
-    if str(path[-2].key) == 'temperature':
-      np.testing.assert_array_equal(leaf, 1.0)
-  np.testing.assert_array_equal(clamped['embed_VxD'][...], state['embed_VxD'][...])
+  state = jax.tree.map(lambda v: v.replace(v[...] - 2.0) if isinstance(v, model.TemperatureSlope) else v, state,
+                       is_leaf=lambda v: isinstance(v, nnx.Variable))  # Slopes a_h = -2.
+
+  def leaves(tree, name):
+    return [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if str(path[-2].key) == name]
+
+  free, kept = optim.clamp_temperatures(state, 1.0), optim.clamp_temperatures(state, 1.0, min_slope=0.0)
+  for clamped in free, kept:
+    assert leaves(clamped, 'temperature') and all((leaf == 1.0).all() for leaf in leaves(clamped, 'temperature'))
+    np.testing.assert_array_equal(clamped['embed_VxD'][...], state['embed_VxD'][...])
+  assert leaves(free, 'temperature_slope') and all((leaf == -2.0).all() for leaf in leaves(free, 'temperature_slope'))
+  assert all((leaf == 0.0).all() for leaf in leaves(kept, 'temperature_slope'))
 
 
 def test_model_and_temperature_partitions_move_with_their_own_rate_and_clipping():
