@@ -8,8 +8,9 @@ log schedule with c = 1 and a = 1 / ln L). Each model reads the first `--documen
 files that have 16L + 1 bytes, 16L at once (position i sees the file's bytes 0..i), and the
 next-byte loss is averaged in bands 0-L, L-2L, 2L-4L, 4L-8L and 8L-16L (evaluate.position_stats,
 as `python -m nopejax.evaluate` reports it). Prints a markdown table of mean and sample standard
-deviation over seeds, and writes every run's bands to --out (and each beside its run, read back
-the next time instead of computed again).
+deviation over seeds, then one of how many seeds beat the constant search at 16L (same seed) in
+each band past L, and writes every run's bands to --out (and each beside its run, read back the
+next time instead of computed again).
 """
 import argparse
 import json
@@ -35,14 +36,18 @@ FORMS = (
     ('base', 'base', 'NoPE pretrained plainly (configs/tiny.py), temperature 1'),
     ('uniform c=1.5', 'base', 'the base model with every temperature 1.5, zero-shot'),
     ('log-n', 'base', 'the base model with tau = max(1, 1 + ln(i/L) / ln L), zero-shot (log with c=1, a=1/ln L)'),
-    ('constant searched at 16L', 'cs16', 'per-head c_h, 200 steps at 1024 (configs/tiny_search.py, seq_len 1024)'),
+    ('constant searched at 16L', 'cs16', 'per-head c_h, 100 steps at 1024 (configs/tiny_search.py, seq_len 1024)'),
     ('constant searched at 16L, applied beyond L only', 'cs16',
      'the searched c_h for queries past L, 1 within L, zero-shot (log with c = c_h, a = 0)'),
-    ('log searched over 2L-16L', 'mix', 'per-head c_h, a_h, 200 steps over 128/256/512/1024 (configs/tiny_search_mix.py)'),
+    ('log searched over 2L-16L', 'mix', 'per-head c_h, a_h, 100 steps over 128/256/512/1024 (configs/tiny_search_mix.py)'),
+    ('log, a_h >= 0, searched over 2L-16L', 'mixpos', 'as mix, with search.min_slope=0 (tau >= 1 past L)'),
+    ('log, a_h >= 0, searched over 2L-16L, 8L and 16L twice', 'mixlong',
+     'as mixpos, with search.lengths=(128,256,512,512,1024,1024)'),
     ('learned constant', 'lt_const', 'pretrained with trainable c_h (configs/tiny_learned_temperature.py)'),
     ('learned log (L=16)', 'lt_log', 'pretrained with trainable c_h, a_h beyond 16'),
     ('learned ssmax', 'lt_ssmax', 'pretrained with trainable s_h, tau = s_h ln i'),
 )
+CONSTANT = 'constant searched at 16L'
 
 
 def finished(workdir: pathlib.Path) -> bool:
@@ -118,6 +123,15 @@ def main():
     else:
       cells = [f'{m:.3f}' for m in values[0]]
     print(f'| {form} | {len(values)} | ' + ' | '.join(cells) + ' |')
+  # Seed by seed against the constant search at 16L, in each band past L: wins / seeds compared.
+  constant = runs.get(CONSTANT, {})
+  print(f'\nSeeds with a lower loss than {CONSTANT!r} (same seed) / seeds compared:\n')
+  print('| form | ' + ' | '.join(bands[1:]) + ' |\n|---|' + '---|' * (len(bands) - 1))
+  for form, by_seed in runs.items():
+    seeds = [s for s in by_seed if s in constant]
+    if form != CONSTANT and seeds:
+      wins = [sum(by_seed[s][b] < constant[s][b] for s in seeds) for b in bands[1:]]
+      print(f'| {form} | ' + ' | '.join(f'{w}/{len(seeds)}' for w in wins) + ' |')
 
 
 if __name__ == '__main__':
