@@ -6,8 +6,8 @@ Reads the workdirs ROOT/<form>_s<seed> that hold a finished run (see `FORMS`) an
 model, also scores zero-shot forms that need no training (a uniform c = 1.5; log-n scaling, the
 log schedule with c = 1 and a = 1 / ln L). Each model reads the first `--documents` test-split
 files that have 16L + 1 bytes, 16L at once (position i sees the file's bytes 0..i), and the
-next-byte loss is averaged in bands 0-L, L-2L, 2L-4L, 4L-8L and 8L-16L (evaluate.position_stats,
-as `python -m nopejax.evaluate` reports it). Prints a markdown table of mean and sample standard
+next-byte loss is averaged in bands 0-L, L-2L, 2L-4L, 4L-8L and 8L-16L
+(evaluate.entropy.position_stats, as `python -m nopejax.evaluate` reports it). Prints a markdown table of mean and sample standard
 deviation over seeds, then one of how many seeds beat the constant search at 16L (same seed) in
 each band past L, and writes every run's bands to --out (and each beside its run, read back the
 next time instead of computed again).
@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import nopejax  # noqa: E402
-from nopejax import checkpoint, data, evaluate  # noqa: E402
+from nopejax import checkpoint, data  # noqa: E402
+from nopejax.evaluate import entropy, workdir as evaluate_workdir  # noqa: E402
 from nopejax.model import Transformer  # noqa: E402
 
 # (form, workdir prefix, what it is); a workdir is PREFIX_s<seed>.
@@ -106,9 +107,9 @@ def main():
       else:
         model = models_of(form, workdir, args.pretrain_length)
         if documents is None:
-          documents = evaluate._CachedDocuments(data.documents(nopejax.load(str(workdir))[1], 'test'))
-        stats = evaluate.position_stats(model, documents, args.length, args.documents, 1, 8, 256)
-        bands = evaluate._band_means(stats['loss_by_position'], args.pretrain_length)
+          documents = evaluate_workdir._CachedDocuments(data.documents(nopejax.load(str(workdir))[1], 'test'))
+        stats = entropy.position_stats(model, documents, args.length, args.documents, 1, 8, 256)
+        bands = entropy.band_means(stats['loss_by_position'], args.pretrain_length)
         cached.write_text(json.dumps(bands))
       runs.setdefault(form, {})[seed] = bands
       print(form, seed, {k: round(v, 4) for k, v in bands.items()}, flush=True)
