@@ -7,10 +7,10 @@ model, also scores zero-shot forms that need no training (a uniform c = 1.5; log
 log schedule with c = 1 and a = 1 / ln L). Each model reads the first `--documents` test-split
 files that have 16L + 1 bytes, 16L at once (position i sees the file's bytes 0..i), and the
 next-byte loss is averaged in bands 0-L, L-2L, 2L-4L, 4L-8L and 8L-16L
-(evaluate.entropy.position_stats, as `python -m nopejax.evaluate` reports it). Prints a markdown table of mean and sample standard
-deviation over seeds, then one of how many seeds beat the constant search at 16L (same seed) in
-each band past L, and writes every run's bands to --out (and each beside its run, read back the
-next time instead of computed again).
+(evaluate.entropy.position_stats, as `python -m nopejax.evaluate` reports it). Prints a markdown
+table of mean and sample standard deviation over seeds, then one of how many seeds beat the
+constant search at 16L (same seed) in each band past L, and writes every run's bands to --out (and
+each beside its run, read back the next time instead of computed again).
 """
 import argparse
 import json
