@@ -46,7 +46,6 @@ def jax_side(shape, steps, search):
   import common  # Sets nothing once XLA_FLAGS is given; puts the repository on sys.path.
   import jax
   import jax.numpy as jnp
-  from nopejax import metrics
   layers, width, heads, tokens, batch = shape
   cfg = common.load_config('tiny')
   cfg.model.num_layers, cfg.model.embed_dim, cfg.model.num_heads = layers, width, heads
@@ -58,7 +57,7 @@ def jax_side(shape, steps, search):
   cfg.mesh.data = math.gcd(batch, jax.device_count())
   cfg.mesh.tensor = jax.device_count() // cfg.mesh.data
   result = {'pretrain_s': common.time_step(cfg, steps=steps),
-            'matmul_flops': metrics.measure_matmul_flops(jnp.float32)}
+            'matmul_flops': common.measure_matmul_flops(jnp.float32)}
   if search:
     cfg.train.trainable = 'temperature'
     result['search_s'] = common.time_step(cfg, steps=steps)
