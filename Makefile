@@ -6,6 +6,9 @@ BENCH_VENV := .venv-bench
 # Eight simulated CPU devices, so the sharded code paths run without an accelerator.
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
+# The make targets run on the CPU; libtpu (installed for the TPU compile tests and `make plan`) would
+# otherwise probe for a TPU and log errors. On an accelerator, run the python commands directly.
+export JAX_PLATFORMS ?= cpu
 DEMO_DIR ?= runs/demo
 COMPARE_DIR ?= runs/compare
 
