@@ -12,18 +12,13 @@ sys.path.insert(0, str(ROOT))  # Run as `python bench/X.py` from anywhere.
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from nopejax import config, plan, step as step_lib  # noqa: E402
-from nopejax.plan import abstract_batch, compiled_step  # noqa: E402,F401  (the benchmarks' names for them)
+from nopejax import config, step as step_lib  # noqa: E402
+from nopejax.plan import abstract_batch, compiled_step, tpu_devices  # noqa: E402,F401  (the benchmarks' names for them)
 
 
 def load_config(name):
   """configs/NAME.py's get_config() (file names such as 1b.py are not importable modules)."""
   return config.from_file(ROOT / 'configs' / f'{name}.py')
-
-
-def tpu_devices(topology_name):
-  """The devices of a TPU slice such as 'v5e:2x4' (2D slices; nopejax.plan.parse_topology names any)."""
-  return plan.tpu_devices(topology_name)
 
 
 def memory_bytes(compiled) -> dict:

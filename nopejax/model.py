@@ -179,7 +179,7 @@ REMAT_POLICIES = {
 
 
 def _block_fn(graphdef, remat, prevent_cse=True):
-  """pure(block_state, x_BxTxD, segment_ids_BxT, positions_BxT) -> x_BxTxD, under model.remat.
+  """pure(block_state, x_BxTxD, segment_ids_BxT, positions_BxT) -> x_BxTxD, under `remat` (a config.REMAT name).
 
   Plain jax.checkpoint over the block's split state, because nnx.remat writes variables back
   afterwards, which fails when the model was merged inside an outer jax.grad.
@@ -187,7 +187,6 @@ def _block_fn(graphdef, remat, prevent_cse=True):
   def pure_block(block_state, x_BxTxD, segment_ids_BxT, positions_BxT):
     return nnx.merge(graphdef, block_state)(x_BxTxD, segment_ids_BxT, positions_BxT)
 
-  remat = config.remat_name(remat)
   if remat == 'none':
     return pure_block
   return jax.checkpoint(pure_block, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
