@@ -103,9 +103,9 @@ def validate(cfg) -> None:
   if m.attention_impl == 'cudnn' and cfg.data.separate_documents:
     raise ConfigError("model.attention_impl='cudnn' cannot mask packed documents apart (data.separate_documents=True) "
                       'under grouped-query attention in jax 0.10.2; set data.separate_documents=False or model.attention_impl=chunked.')
-  if m.attention_block <= 0 or m.attention_chunked_from < 0:
-    raise ConfigError(f'model.attention_block={m.attention_block} must be positive and model.attention_chunked_from='
-                      f'{m.attention_chunked_from} not negative; set e.g. 512 and 2048.')
+  if m.attention_block < 0 or m.attention_chunked_from < 0:
+    raise ConfigError(f'model.attention_block={m.attention_block} and model.attention_chunked_from='
+                      f'{m.attention_chunked_from} cannot be negative; set e.g. 0 (the kernel chooses) and 256.')
   if m.num_heads <= 0 or (not m.head_dim and m.embed_dim % m.num_heads):
     raise ConfigError(
         f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; '

@@ -59,8 +59,8 @@ def run(cfg, workdir) -> dict:
     batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
     train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx),
                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                         donate_argnums=0)
-    eval_step = jax.jit(step_lib.make_eval_step(cfg, graphdef))
+                         donate_argnums=0, compiler_options=sharding.compiler_options(mesh))
+    eval_step = jax.jit(step_lib.make_eval_step(cfg, graphdef), compiler_options=sharding.compiler_options(mesh))
 
     def validation_loss(params, frozen):
       return step_lib.mean_eval_loss(cfg, eval_step, params, frozen, batch_sharding)

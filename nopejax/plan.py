@@ -92,7 +92,8 @@ def compiled_step(cfg, devices=None):
     batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
     batch = abstract_batch(cfg, batch_sharding)
     step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
-                   out_shardings=(shardings, None), donate_argnums=0)
+                   out_shardings=(shardings, None), donate_argnums=0,
+                   compiler_options=sharding.compiler_options(mesh))
     return mesh, step.lower(abstract, batch).compile(), (tx, shardings), batch
 
 

@@ -11,6 +11,11 @@ from nopejax.config import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
+# XLA:CPU options for the steps compiled on a CPU mesh. jaxlib 0.10 hands dots and reductions to
+# YNNPACK, which runs each one on a single thread; without it they go to Eigen, which splits them
+# over the cores: the tiny pretrain step runs 17% faster on 2 cores (bench/README.md, issue 14).
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+
 
 def detected_cluster():
   """jax's own cluster detection (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes), as
@@ -92,6 +97,11 @@ def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices)
 
 
+def compiler_options(mesh):
+  """jax.jit's compiler_options for a step on `mesh`: CPU_COMPILER_OPTIONS on CPU devices, else none."""
+  return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == 'cpu' else None
+
+
 def logical_spec(axes, rules) -> P:
   """PartitionSpec for logical axis names; a name absent from the rules is replicated."""
   table = dict(rules)
@@ -127,6 +137,29 @@ def state_shardings(state, mesh, rules):
     return leaf.replace(NamedSharding(mesh, spec))
 
   return jax.tree_util.tree_map_with_path(sharding_of, state, is_leaf=_is_variable)
+
+
+def split_over(shardings, shapes, mesh_axis):
+  """`shardings` with each array also split over `mesh_axis`, along its first dimension that is not split
+  yet (mesh axes of size 1 do not count) and divides evenly; arrays with none stay as they were.
+  ZeRO-1 for the optimizer state: under data parallelism every device would otherwise hold and
+  update all of the moments; split, each updates 1/n of them and XLA gathers the new weights."""
+  def split(sharding, shape):
+    named = sharding.get_value() if _is_variable(sharding) else sharding
+    sizes = named.mesh.shape
+    ways = sizes[mesh_axis]
+    spec = [(axes,) if isinstance(axes, str) else tuple(axes or ()) for axes in named.spec]
+    spec += [()] * (len(shape.shape) - len(spec))
+    if ways == 1 or any(mesh_axis in axes for axes in spec):
+      return sharding
+    for dim, (size, axes) in enumerate(zip(shape.shape, spec)):
+      if math.prod(sizes[a] for a in axes) == 1 and size % ways == 0:
+        spec[dim] = axes + (mesh_axis,)
+        new = NamedSharding(named.mesh, P(*(axes or None for axes in spec)))
+        return sharding.replace(new) if _is_variable(sharding) else new
+    return sharding
+
+  return jax.tree.map(split, shardings, shapes, is_leaf=_is_variable)
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:

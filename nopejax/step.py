@@ -158,6 +158,8 @@ def abstract_state(cfg, mesh, tx):
   graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), optim.trainable_filter(cfg), ...)
   shapes = jax.eval_shape(_init_fn(cfg, tx))
   shardings = sharding.state_shardings(shapes, mesh, cfg.mesh.rules)
+  if cfg.mesh.shard_optimizer:
+    shardings['opt'] = sharding.split_over(shardings['opt'], shapes['opt'], 'data')
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
   return graphdef, state, shardings
 

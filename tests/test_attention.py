@@ -254,6 +254,20 @@ def test_auto_picks_the_kernel_by_platform_shape_and_dtype():
   assert kernel == 'chunked' and 'no bias' in reason  # ALiBi: splash takes no bias.
 
 
+def test_the_default_block_is_64_for_chunked_on_cpu_and_512_elsewhere(monkeypatch):
+  assert attention.default_block('chunked', 'cpu') == 64
+  assert attention.default_block('chunked', 'gpu') == attention.default_block('splash', 'tpu') == 512
+  cfg = base.get_config()
+  cfg.data.seq_len = 256  # The defaults: chunked from 256 tokens on CPU.
+  assert attention.kernel_for_run(cfg, 'cpu')[0] == 'chunked'
+  blocks = []
+  monkeypatch.setattr(attention, 'flash_attention', lambda *args: blocks.append(args[4]) or args[0])
+  q = jnp.zeros((1, 256, 2, 8))
+  attention.attend(q, q, q, implementation='auto')  # block_size 0: the kernel's own.
+  attention.attend(q, q, q, implementation='chunked', block_size=32)
+  assert blocks == [64, 32]
+
+
 def test_cudnn_is_refused_off_gpu_with_a_sentence():
   cfg = base.get_config()
   cfg.model.attention_impl = 'cudnn'

@@ -47,6 +47,14 @@ def position_config(method):
 POSITION_METHODS = ['nope', 'rope', 'alibi', 'kerple', 'yarn_logn', 'dynamic_llama4']
 
 
+
+def test_project_is_the_einsum_over_the_last_axis():
+  x_BxTxD = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  w_DxHxK = jax.random.normal(jax.random.key(1), (8, 4, 5))
+  np.testing.assert_allclose(model.project(x_BxTxD, w_DxHxK), jnp.einsum('btd,dhk->bthk', x_BxTxD, w_DxHxK), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model.project(x_BxTxD, w_DxHxK[:, 0]), x_BxTxD @ w_DxHxK[:, 0], rtol=1e-5, atol=1e-5)
+
+
 def test_logits_shape_dtype_and_grouped_query_heads():
   cfg = small_config()
   m = make(cfg)

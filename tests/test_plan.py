@@ -36,15 +36,17 @@ def test_plan_compiles_a_small_model_for_a_tpu_slice_from_this_machine():
   env = dict(os.environ, JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1')
   result = subprocess.run(
       [sys.executable, '-m', 'nopejax.plan', '--config', 'configs/tiny.py', '--topology', 'v5e-4', '--json',
-       '--config.model.num_layers=1', '--config.train.batch_size=8', '--config.model.scan_layers=True'],
+       '--config.model.num_layers=1', '--config.train.batch_size=32', '--config.model.scan_layers=True'],
       capture_output=True, text=True, env=env, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report['device_kind'] == 'TPU v5 lite' and report['chips'] == 4 and report['step'] == 'pretrain'
   assert report['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
-  # Four-way data parallel: every chip holds all parameters (float32) and AdamW's two moments.
+  # Four-way data parallel: every chip holds all parameters (float32) and a quarter of AdamW's two
+  # moments (mesh.shard_optimizer: every array here has a dimension that 4 divides).
   params = 256 * 128 * 2 + 4 * 128 * 128 + 3 * 128 * 384 + 3 * 128 + 4
   assert report['params_bytes'] == 4 * params
+  assert report['optimizer_bytes'] == 2 * 4 * params // 4
   assert report['temp_bytes'] > 0 and report['step_flops_per_chip'] > 0
   assert report['fits'] and report['total_bytes'] < report['hbm_bytes'] == 16 * 2**30
 
