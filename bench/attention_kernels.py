@@ -3,15 +3,21 @@ search compiled for a TPU v5e 2x4 slice with splash at 8K, 16K and 32K tokens.
 
   .venv/bin/python bench/attention_kernels.py           # memory at 1K, 4K, 16K; time at 256 and 1K
   JAX_PLATFORMS=cpu .venv/bin/python bench/attention_kernels.py --tpu   # needs libtpu (make setup-tpu)
+  XLA_FLAGS=--xla_force_host_platform_device_count=1 .venv/bin/python bench/attention_kernels.py --cpu-blocks
 
 Memory is XLA's buffer assignment for one of the 8 simulated devices, compiled ahead of time on
 abstract arrays (so 16K tokens with `xla`, whose logits alone are 8 x 4 x 16K x 16K floats, is
 sized without being run). `xla` forms the [B, H, T, T] logits; `chunked` keeps memory linear in T.
 """
+import statistics
 import sys
 import time
 
 import common
+import jax
+import jax.numpy as jnp
+
+from nopejax import attention, sharding
 
 
 def search_config(seq_len, implementation):
@@ -37,7 +43,32 @@ def tpu_search_memory(topology='v5e:2x4', lengths=(8192, 16384, 32768)):
           f'{memory["output"] / 2**30:.2f} ({memory["alias"] / 2**30:.2f}) | {time.perf_counter() - start:.0f} |', flush=True)
 
 
+def cpu_blocks(shapes=((8, 128, 4, 64), (8, 256, 4, 64), (4, 512, 8, 64), (8, 1024, 4, 64)), blocks=(32, 64, 128)):
+  """One attention layer's forward and backward on this CPU, ms: xla against chunked by block size
+  (what attention.default_block and model.attention_chunked_from rest on)."""
+  options = sharding.CPU_COMPILER_OPTIONS  # As the train step compiles on CPU.
+  print('| batch x tokens x heads x head dim | xla | ' + ' | '.join(f'chunked, {b}-token blocks' for b in blocks) + ' |')
+  print('|---|---|' + '---|' * len(blocks))
+  for B, T, H, Dh in shapes:
+    q, k, v, dout = (jax.random.normal(key, (B, T, H, Dh)) for key in jax.random.split(jax.random.key(0), 4))
+    cells = []
+    for impl, block in [('xla', 0)] + [('chunked', b) for b in blocks]:
+      loss = lambda q, k, v: jnp.sum(attention.attend(q, k, v, None, impl, block) * dout)
+      grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), compiler_options=options)
+      jax.block_until_ready(grads(q, k, v))
+      seconds = []
+      for _ in range(20):
+        start = time.perf_counter()
+        jax.block_until_ready(grads(q, k, v))
+        seconds.append(time.perf_counter() - start)
+      cells.append(f'{1000 * statistics.median(seconds):.1f}')
+    print(f'| {B} x {T} x {H} x {Dh} | ' + ' | '.join(cells) + ' |', flush=True)
+
+
 if __name__ == '__main__':
+  if '--cpu-blocks' in sys.argv:
+    cpu_blocks()
+    sys.exit()
   if '--tpu' in sys.argv:
     tpu_search_memory()
     sys.exit()

@@ -43,20 +43,42 @@ def measure_matmul_flops(dtype, size=2048, repeats=5) -> float:
 
 def time_step(cfg, steps=20, warmup=3) -> float:
   """Median seconds per train step on random tokens (reads the loss back every step)."""
-  mesh, compiled, (tx, shardings), batch_spec = compiled_step(cfg)
+  return time_steps([cfg], steps, warmup)[0]
+
+
+def time_steps(cfgs, steps=20, warmup=3, turn=5) -> list:
+  """Median seconds per train step of each config (same mesh, batch and shape) on random tokens,
+  reading the loss back every step. Several configs take turns of `turn` steps, so that a slow spell
+  of the machine weighs on each alike and their ratio holds; the first step of a turn is not timed
+  (it starts with the caches full of the other step's data)."""
+  runs = []
+  for cfg in cfgs:
+    mesh, compiled, (tx, shardings), batch_spec = compiled_step(cfg)
+    with jax.set_mesh(mesh):
+      runs.append([compiled, step_lib.init_state(cfg, shardings, tx)])
+  cfg = cfgs[0]
   with jax.set_mesh(mesh):
-    state = step_lib.init_state(cfg, shardings, tx)
     tokens = jax.random.randint(jax.random.key(0), (cfg.train.batch_size, cfg.data.seq_len + 1), 0,
                                 cfg.model.vocab_size)
     batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
              'segment_ids': jnp.ones_like(tokens[:, 1:]), 'positions': jnp.broadcast_to(jnp.arange(cfg.data.seq_len), tokens[:, 1:].shape),
              'loss_mask': jnp.ones(tokens[:, 1:].shape, jnp.float32)}
     batch = jax.device_put(batch, batch_spec['inputs'].sharding)
-    seconds = []
-    for i in range(warmup + steps):
+
+    def step(run):
       start = time.perf_counter()
-      state, metrics = compiled(state, batch)
+      run[1], metrics = run[0](run[1], batch)
       float(metrics['loss'])
-      if i >= warmup:
-        seconds.append(time.perf_counter() - start)
-  return statistics.median(seconds)
+      return time.perf_counter() - start
+
+    for run in runs:
+      for _ in range(warmup):
+        step(run)
+    if len(runs) == 1:
+      return [statistics.median(step(runs[0]) for _ in range(steps))]
+    seconds = [[] for _ in runs]
+    while len(seconds[-1]) < steps:
+      for run, times in zip(runs, seconds):
+        step(run)
+        times.extend(step(run) for _ in range(turn - 1))
+  return [statistics.median(times) for times in seconds]

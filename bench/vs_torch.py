@@ -4,7 +4,8 @@
   .venv/bin/python bench/vs_torch.py          # the driver; torch runs in .venv-bench (requirements-bench.txt)
 
 The driver starts one process per measurement, so each side gets the machine alone and the 1- and
-8-device nopejax runs each get their own XLA_FLAGS:
+8-device nopejax runs each get their own XLA_FLAGS; the sides take turns, --repeats times (3), and
+each reports its median run:
   - nopejax pretrain step on 1 device and on 8 simulated devices, and the search step (only the
     temperatures train) at the first shape;
   - transformers' train step (forward, loss, backward, clip 1.0, AdamW), torch CPU, 2 threads;
@@ -15,6 +16,7 @@ mask: transformers has none). The last line is the ratio of tokens/s, nopejax ov
 first shape on 1 device.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -41,7 +43,8 @@ def _timed(run_step, steps, warmup):
   return statistics.median(seconds)
 
 
-def jax_side(shape, steps, search):
+def jax_side(shape, steps, search, overrides=()):
+  """Seconds per pretrain (and search) step at `shape`; overrides: (dotted config key, value) pairs."""
   sys.path.insert(0, str(ROOT / 'bench'))
   import common  # Sets nothing once XLA_FLAGS is given; puts the repository on sys.path.
   import jax
@@ -56,11 +59,16 @@ def jax_side(shape, steps, search):
   # Rows over as many devices as the batch allows; heads (tensor) over the rest: 8 x 4 -> (4, 1, 2).
   cfg.mesh.data = math.gcd(batch, jax.device_count())
   cfg.mesh.tensor = jax.device_count() // cfg.mesh.data
-  result = {'pretrain_s': common.time_step(cfg, steps=steps),
-            'matmul_flops': common.measure_matmul_flops(jnp.float32)}
-  if search:
-    cfg.train.trainable = 'temperature'
-    result['search_s'] = common.time_step(cfg, steps=steps)
+  for key, value in overrides:
+    section, name = key.split('.')
+    cfg[section][name] = value
+  if search:  # The search step (only the temperatures train) taking turns with the pretrain step.
+    search_cfg = copy.deepcopy(cfg)
+    search_cfg.train.trainable = 'temperature'
+    result = dict(zip(('pretrain_s', 'search_s'), common.time_steps([cfg, search_cfg], steps=steps)))
+  else:
+    result = {'pretrain_s': common.time_step(cfg, steps=steps)}
+  result['matmul_flops'] = common.measure_matmul_flops(jnp.float32)
   return result
 
 
@@ -92,6 +100,11 @@ def torch_side(shape, steps):
           'torch': torch.__version__, 'transformers': transformers.__version__}
 
 
+def median_run(results):
+  """The run whose step time ('train_s' or 'pretrain_s') is the median of the runs'."""
+  return sorted(results, key=lambda r: r.get('train_s', r.get('pretrain_s')))[len(results) // 2]
+
+
 def run_child(python, args, devices=1):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
              TF_CPP_MIN_LOG_LEVEL='3')
@@ -105,6 +118,7 @@ def main():
   parser.add_argument('--shape', type=int, default=0)
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--search', action='store_true')
+  parser.add_argument('--repeats', type=int, default=3)  # Runs of each side; the median run is reported.
   parser.add_argument('--torch_python', default=str(ROOT / '.venv-bench' / 'bin' / 'python'))
   args = parser.parse_args()
   if args.side == 'jax':
@@ -117,10 +131,16 @@ def main():
   rows, peak = [], 0.0
   for index, shape in enumerate(SHAPES):
     common_args = ['--shape', str(index), '--steps', str(args.steps)]
-    torch_result = run_child(args.torch_python, ['--side', 'torch', *common_args])
-    one = run_child(sys.executable, ['--side', 'jax', *common_args, *(['--search'] if index == 0 else [])], 1)
-    eight = run_child(sys.executable, ['--side', 'jax', *common_args, *(['--search'] if index == 0 else [])], 8)
-    peak = max(peak, torch_result['matmul_flops'], one['matmul_flops'])
+    search = ['--search'] if index == 0 else []
+    # Processes on this machine differ by up to 10% run to run: the three sides take turns, and each
+    # keeps its median run (by its pretrain step; the search ratio comes from that same run).
+    runs = {'torch': [], 'one': [], 'eight': []}
+    for _ in range(args.repeats):
+      runs['torch'].append(run_child(args.torch_python, ['--side', 'torch', *common_args]))
+      runs['one'].append(run_child(sys.executable, ['--side', 'jax', *common_args, *search], 1))
+      runs['eight'].append(run_child(sys.executable, ['--side', 'jax', *common_args, *search], 8))
+    torch_result, one, eight = (median_run(runs[side]) for side in ('torch', 'one', 'eight'))
+    peak = max([peak] + [r['matmul_flops'] for side in ('torch', 'one') for r in runs[side]])
     rows.append((shape, torch_result, one, eight))
 
   print(f'torch {rows[0][1]["torch"]}, transformers {rows[0][1]["transformers"]}; '

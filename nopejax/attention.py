@@ -185,10 +185,10 @@ def _block_bias(bias, q_positions_BxC, k_positions_BxC, K, G):
   return bias_BxHxCxC.reshape(B, K, G, Cq, Ck)
 
 
-def _block_logits(q_BxCxKxGxD, k_BxCxKxD, i, j, segq_BxC, segk_BxC, bias_BxKxGxCxC=None):
+def _block_logits(q_BxKxGxCxD, k_BxKxCxD, i, j, segq_BxC, segk_BxC, bias_BxKxGxCxC=None):
   """Scaled (and biased) logits of query block i against key block j, -inf where masked: s_BxKxGxCqxCk (float32)."""
-  C, D = q_BxCxKxGxD.shape[1], q_BxCxKxGxD.shape[-1]
-  s = jnp.einsum('bqkgd,bskd->bkgqs', q_BxCxKxGxD, k_BxCxKxD, preferred_element_type=jnp.float32)
+  C, D = q_BxKxGxCxD.shape[3], q_BxKxGxCxD.shape[-1]
+  s = jnp.einsum('bkgqd,bksd->bkgqs', q_BxKxGxCxD, k_BxKxCxD, preferred_element_type=jnp.float32)
   s = s * (1.0 / math.sqrt(D))
   if bias_BxKxGxCxC is not None:
     s = s + bias_BxKxGxCxC
@@ -199,82 +199,82 @@ def _block_logits(q_BxCxKxGxD, k_BxCxKxD, i, j, segq_BxC, segk_BxC, bias_BxKxGxC
   return jnp.where(visible, s, -jnp.inf)
 
 
-def _flash_forward(q_NxBxCxKxGxD, k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC, pos_NxBxC, bias_fn, bias_params):
-  """(out_NxBxCxKxGxD in v's dtype, lse_NxBxKxGxC float32)."""
-  N, B, C, K, G, D = q_NxBxCxKxGxD.shape
+def _flash_forward(q_NxBxKxGxCxD, k_NxBxKxCxD, v_NxBxKxCxD, seg_NxBxC, pos_NxBxC, bias_fn, bias_params):
+  """(out_NxBxKxGxCxD in v's dtype, lse_NxBxKxGxC float32)."""
+  N, B, K, G, C, D = q_NxBxKxGxCxD.shape
 
   def query_block(args):
-    i, q_BxCxKxGxD, segq_BxC = args
+    i, q_BxKxGxCxD, segq_BxC = args
 
     def key_block(j, carry):
       max_BxKxGxC, total_BxKxGxC, acc_BxKxGxCxD = carry
       segk = None if seg_NxBxC is None else seg_NxBxC[j]
       bias_block = None if bias_fn is None else _block_bias((bias_fn, bias_params), pos_NxBxC[i], pos_NxBxC[j], K, G)
-      s = _block_logits(q_BxCxKxGxD, k_NxBxCxKxD[j], i, j, segq_BxC, segk, bias_block)
+      s = _block_logits(q_BxKxGxCxD, k_NxBxKxCxD[j], i, j, segq_BxC, segk, bias_block)
       new_max = jnp.maximum(max_BxKxGxC, jnp.max(s, axis=-1))
       # A row with no visible key yet keeps max -inf; shift it by 0 so exp gives 0, not NaN.
       shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
       p = jnp.exp(s - shift[..., None])
       rescale = jnp.exp(max_BxKxGxC - shift)
       total = rescale * total_BxKxGxC + jnp.sum(p, axis=-1)
-      pv = jnp.einsum('bkgqs,bskd->bkgqd', p.astype(v_NxBxCxKxD.dtype), v_NxBxCxKxD[j],
+      pv = jnp.einsum('bkgqs,bksd->bkgqd', p.astype(v_NxBxKxCxD.dtype), v_NxBxKxCxD[j],
                       preferred_element_type=jnp.float32)
       return new_max, total, rescale[..., None] * acc_BxKxGxCxD + pv
 
     init = (jnp.full((B, K, G, C), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, C), jnp.float32),
             jnp.zeros((B, K, G, C, D), jnp.float32))
     row_max, total, acc = jax.lax.fori_loop(0, i + 1, key_block, init)
-    out_BxCxKxGxD = jnp.einsum('bkgqd->bqkgd', acc / total[..., None]).astype(v_NxBxCxKxD.dtype)
-    return out_BxCxKxGxD, row_max + jnp.log(total)
+    out_BxKxGxCxD = (acc / total[..., None]).astype(v_NxBxKxCxD.dtype)
+    return out_BxKxGxCxD, row_max + jnp.log(total)
 
   seg = None if seg_NxBxC is None else seg_NxBxC
-  return jax.lax.map(query_block, (jnp.arange(N), q_NxBxCxKxGxD, seg))
+  return jax.lax.map(query_block, (jnp.arange(N), q_NxBxKxGxCxD, seg))
 
 
-def _flash_backward(q_NxBxCxKxGxD, k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC, pos_NxBxC, bias_fn, bias_params,
-                    out_NxBxCxKxGxD, lse_NxBxKxGxC, dout):
+def _flash_backward(q_NxBxKxGxCxD, k_NxBxKxCxD, v_NxBxKxCxD, seg_NxBxC, pos_NxBxC, bias_fn, bias_params,
+                    out_NxBxKxGxCxD, lse_NxBxKxGxC, dout):
   """Gradients for q, k, v and the bias params: key blocks outside, the query blocks that see each key block inside."""
-  N, B, C, K, G, D = q_NxBxCxKxGxD.shape
+  N, B, K, G, C, D = q_NxBxKxGxCxD.shape
   scale = 1.0 / math.sqrt(D)
   # delta_i = sum_d dout * out = sum_j p_ij dp_ij, the softmax's correction term.
-  delta_NxBxKxGxC = jnp.einsum('nbqkgd,nbqkgd->nbkgq', dout.astype(jnp.float32), out_NxBxCxKxGxD.astype(jnp.float32))
+  delta_NxBxKxGxC = jnp.einsum('nbkgqd,nbkgqd->nbkgq', dout.astype(jnp.float32), out_NxBxKxGxCxD.astype(jnp.float32))
 
   def key_block(carry, args):
-    dq_NxBxCxKxGxD, dparams = carry
-    j, k_BxCxKxD, v_BxCxKxD = args
+    dq_NxBxKxGxCxD, dparams = carry
+    j, k_BxKxCxD, v_BxKxCxD = args
     segk = None if seg_NxBxC is None else seg_NxBxC[j]
 
     def query_block(i, carry):
-      dq, dparams, dk_BxCxKxD, dv_BxCxKxD = carry
-      q_i, dout_i = q_NxBxCxKxGxD[i], dout[i]
+      dq, dparams, dk_BxKxCxD, dv_BxKxCxD = carry
+      q_i, dout_i = q_NxBxKxGxCxD[i], dout[i]
       segq = None if seg_NxBxC is None else seg_NxBxC[i]
       bias_block, bias_vjp = None, None
       if bias_fn is not None:
         bias_block, bias_vjp = jax.vjp(lambda params: _block_bias((bias_fn, params), pos_NxBxC[i], pos_NxBxC[j], K, G),
                                        bias_params)
-      s = _block_logits(q_i, k_BxCxKxD, i, j, segq, segk, bias_block)
+      s = _block_logits(q_i, k_BxKxCxD, i, j, segq, segk, bias_block)
       p = jnp.exp(s - lse_NxBxKxGxC[i][..., None])  # Masked logits are -inf: p = 0 there.
-      dv_BxCxKxD = dv_BxCxKxD + jnp.einsum('bkgqs,bqkgd->bskd', p.astype(dout.dtype), dout_i,
+      dv_BxKxCxD = dv_BxKxCxD + jnp.einsum('bkgqs,bkgqd->bksd', p.astype(dout.dtype), dout_i,
                                            preferred_element_type=jnp.float32)
-      dp = jnp.einsum('bqkgd,bskd->bkgqs', dout_i, v_BxCxKxD, preferred_element_type=jnp.float32)
+      dp = jnp.einsum('bkgqd,bksd->bkgqs', dout_i, v_BxKxCxD, preferred_element_type=jnp.float32)
       dlogits = p * (dp - delta_NxBxKxGxC[i][..., None])  # The gradient of the biased logits.
       if bias_vjp is not None:
         dparams = jax.tree.map(jnp.add, dparams, bias_vjp(dlogits)[0])
       ds = dlogits * scale
-      dq_i = jnp.einsum('bkgqs,bskd->bqkgd', ds.astype(k_BxCxKxD.dtype), k_BxCxKxD, preferred_element_type=jnp.float32)
-      dk_BxCxKxD = dk_BxCxKxD + jnp.einsum('bkgqs,bqkgd->bskd', ds.astype(q_i.dtype), q_i,
+      dq_i = jnp.einsum('bkgqs,bksd->bkgqd', ds.astype(k_BxKxCxD.dtype), k_BxKxCxD, preferred_element_type=jnp.float32)
+      dk_BxKxCxD = dk_BxKxCxD + jnp.einsum('bkgqs,bkgqd->bksd', ds.astype(q_i.dtype), q_i,
                                            preferred_element_type=jnp.float32)
-      return dq.at[i].add(dq_i), dparams, dk_BxCxKxD, dv_BxCxKxD
+      return dq.at[i].add(dq_i), dparams, dk_BxKxCxD, dv_BxKxCxD
 
-    zeros = jnp.zeros((B, C, K, D), jnp.float32)
-    dq_NxBxCxKxGxD, dparams, dk, dv = jax.lax.fori_loop(j, N, query_block, (dq_NxBxCxKxGxD, dparams, zeros, zeros))
-    return (dq_NxBxCxKxGxD, dparams), (dk, dv)
+    zeros = jnp.zeros((B, K, C, D), jnp.float32)
+    dq_NxBxKxGxCxD, dparams, dk, dv = jax.lax.fori_loop(j, N, query_block, (dq_NxBxKxGxCxD, dparams, zeros, zeros))
+    return (dq_NxBxKxGxCxD, dparams), (dk, dv)
 
-  dq0 = jnp.zeros(q_NxBxCxKxGxD.shape, jnp.float32)
+  dq0 = jnp.zeros(q_NxBxKxGxCxD.shape, jnp.float32)
   dparams0 = jax.tree.map(jnp.zeros_like, bias_params)
-  (dq, dparams), (dk_NxBxCxKxD, dv_NxBxCxKxD) = jax.lax.scan(
-      key_block, (dq0, dparams0), (jnp.arange(N), k_NxBxCxKxD, v_NxBxCxKxD))
-  return dq, dk_NxBxCxKxD, dv_NxBxCxKxD, dparams
+  (dq, dparams), (dk_NxBxKxCxD, dv_NxBxKxCxD) = jax.lax.scan(
+      key_block, (dq0, dparams0), (jnp.arange(N), k_NxBxKxCxD, v_NxBxKxCxD))
+  return dq, dk_NxBxKxCxD, dv_NxBxKxCxD, dparams
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -307,9 +307,11 @@ def flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, bl
   C = min(block_size, T)
   N = -(-T // C)
   pad = ((0, 0), (0, N * C - T), (0, 0), (0, 0))
-  q_BxPxKxGxD = jnp.pad(q_BxTxHxDh, pad).reshape(B, N * C, K, H // K, Dh)
-  k_NxBxCxKxD = _to_blocks(jnp.pad(k_BxTxKxDh, pad), N)
-  v_NxBxCxKxD = _to_blocks(jnp.pad(v_BxTxKxDh, pad), N)
+  # Heads before positions inside the blocks, once here: every block product in the loops is then a
+  # plain batched matmul over (row, head), with no transpose per block pair.
+  q_NxBxKxGxCxD = _to_blocks(jnp.pad(q_BxTxHxDh, pad).reshape(B, N * C, K, H // K, Dh), N).transpose(0, 1, 3, 4, 2, 5)
+  k_NxBxKxCxD = _to_blocks(jnp.pad(k_BxTxKxDh, pad), N).transpose(0, 1, 3, 2, 4)
+  v_NxBxKxCxD = _to_blocks(jnp.pad(v_BxTxKxDh, pad), N).transpose(0, 1, 3, 2, 4)
   seg_NxBxC = None
   if segment_ids_BxT is not None:
     seg_NxBxC = _to_blocks(jnp.pad(segment_ids_BxT, ((0, 0), (0, N * C - T))), N)
@@ -319,9 +321,8 @@ def flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, bl
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
     pos_NxBxC = _to_blocks(jnp.pad(positions_BxT, ((0, 0), (0, N * C - T))), N)
-  out_NxBxCxKxGxD = _flash_blocks(_to_blocks(q_BxPxKxGxD, N), k_NxBxCxKxD, v_NxBxCxKxD, seg_NxBxC, pos_NxBxC,
-                                  bias_fn, bias_params)
-  return _from_blocks(out_NxBxCxKxGxD).reshape(B, N * C, H, Dh)[:, :T]
+  out_NxBxKxGxCxD = _flash_blocks(q_NxBxKxGxCxD, k_NxBxKxCxD, v_NxBxKxCxD, seg_NxBxC, pos_NxBxC, bias_fn, bias_params)
+  return _from_blocks(out_NxBxKxGxCxD.transpose(0, 1, 4, 2, 3, 5)).reshape(B, N * C, H, Dh)[:, :T]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,64 @@
+"""What each of issue 14's changes bought: nopejax's train step on this CPU with the changes applied
+one after another, at vs_torch.py's two shapes, on 1 device and on 8 simulated devices.
+
+  .venv/bin/python bench/cpu_changes.py [--steps 10]
+
+Each row adds one change to the row above; the first undoes all four in-process (the projections
+as 3-D contractions, YNNPACK back, the optimizer state replicated, attention by xla), so every
+row runs the same commit. One process per measurement, as vs_torch.py does.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import vs_torch
+
+CHANGES = ('before', '2-D projections (model.project)', 'XLA:CPU without YNNPACK (sharding.compiler_options)',
+           'ZeRO-1 optimizer state (mesh.shard_optimizer)', 'chunked attention, 64-token blocks (attention.default_block)')
+
+
+def measure(shape_index, changes, steps):
+  """Runs in the child: seconds per pretrain step with the first `changes` changes applied."""
+  sys.path.insert(0, str(vs_torch.ROOT))
+  import jax.numpy as jnp
+  from nopejax import model, sharding
+  if changes < 1:  # The projections as the 3-D contractions they were.
+    model.project = lambda x, w: jnp.tensordot(x, w, axes=1)
+  if changes < 2:
+    sharding.CPU_COMPILER_OPTIONS.clear()
+  overrides = []
+  if changes < 3:
+    overrides.append(('mesh.shard_optimizer', False))
+  if changes < 4:
+    overrides.append(('model.attention_impl', 'xla'))
+  return vs_torch.jax_side(vs_torch.SHAPES[shape_index], steps, False, overrides)['pretrain_s']
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--child', default='')  # "SHAPE,CHANGES": one measurement.
+  args = parser.parse_args()
+  if args.child:
+    shape_index, changes = map(int, args.child.split(','))
+    print(json.dumps(measure(shape_index, changes, args.steps)))
+    return
+  print('| change (cumulative) | ' + ' | '.join(
+      f'{l} x {w}, {b} x {t}, {d}' for l, w, _, t, b in vs_torch.SHAPES for d in ('1 device', '8 devices')) + ' |')
+  print('|---|' + '---|' * 4)
+  for changes, name in enumerate(CHANGES):
+    cells = []
+    for shape_index in range(len(vs_torch.SHAPES)):
+      for devices in (1, 8):
+        env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
+                   TF_CPP_MIN_LOG_LEVEL='3')
+        out = subprocess.run([sys.executable, __file__, '--child', f'{shape_index},{changes}', '--steps', str(args.steps)],
+                             env=env, check=True, capture_output=True, text=True).stdout
+        cells.append(f'{1000 * json.loads(out.strip().splitlines()[-1]):.0f} ms')
+    print(f'| {name} | ' + ' | '.join(cells) + ' |', flush=True)
+
+
+if __name__ == '__main__':
+  main()
