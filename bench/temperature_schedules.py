@@ -44,11 +44,18 @@ FORMS = (
     ('log, a_h >= 0, searched over 2L-16L', 'mixpos', 'as mix, with search.min_slope=0 (tau >= 1 past L)'),
     ('log, a_h >= 0, searched over 2L-16L, 8L and 16L twice', 'mixlong',
      'as mixpos, with search.lengths=(128,256,512,512,1024,1024)'),
+    ('log searched over 4L-16L', 'mix4', 'as mix, with search.lengths=(256,512,1024): weight moved from L-2L to 2L-8L'),
+    ("log from the constant search's c_h, searched over 4L-16L", 'ws4',
+     'as mix4, starting at cs16_sN\'s c_h and a_h = 0 (search.init_from)'),
+    ('constant searched at 16L, 200 steps', 'cs16x200', 'as cs16, 200 steps (warmup 20), the paper\'s count'),
+    ('log searched over 2L-16L, 200 steps', 'mix200', 'as mix, 200 steps (warmup 20)'),
     ('learned constant', 'lt_const', 'pretrained with trainable c_h (configs/tiny_learned_temperature.py)'),
     ('learned log (L=16)', 'lt_log', 'pretrained with trainable c_h, a_h beyond 16'),
     ('learned ssmax', 'lt_ssmax', 'pretrained with trainable s_h, tau = s_h ln i'),
 )
 CONSTANT = 'constant searched at 16L'
+# The constant search each form is counted against, when not CONSTANT: the one with the same steps.
+COMPARATOR = {'log searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps'}
 
 
 def finished(workdir: pathlib.Path) -> bool:
@@ -124,13 +131,13 @@ def main():
     else:
       cells = [f'{m:.3f}' for m in values[0]]
     print(f'| {form} | {len(values)} | ' + ' | '.join(cells) + ' |')
-  # Seed by seed against the constant search at 16L, in each band past L: wins / seeds compared.
-  constant = runs.get(CONSTANT, {})
-  print(f'\nSeeds with a lower loss than {CONSTANT!r} (same seed) / seeds compared:\n')
+  # Seed by seed against the constant search at 16L (same steps), in each band past L: wins / seeds compared.
+  print(f'\nSeeds with a lower loss than {CONSTANT!r} (same seed; {COMPARATOR} where named) / seeds compared:\n')
   print('| form | ' + ' | '.join(bands[1:]) + ' |\n|---|' + '---|' * (len(bands) - 1))
   for form, by_seed in runs.items():
+    constant = runs.get(COMPARATOR.get(form, CONSTANT), {})
     seeds = [s for s in by_seed if s in constant]
-    if form != CONSTANT and seeds:
+    if form not in (CONSTANT, *COMPARATOR.values()) and seeds:
       wins = [sum(by_seed[s][b] < constant[s][b] for s in seeds) for b in bands[1:]]
       print(f'| {form} | ' + ' | '.join(f'{w}/{len(seeds)}' for w in wins) + ' |')
 

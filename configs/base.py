@@ -138,6 +138,9 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.search = ml_collections.ConfigDict()
   cfg.search.base = ''  # Workdir of the pretrained model whose weights are frozen.
   cfg.search.init = '1.0'  # Every temperature's start: a number, or 'auto' for the best uniform c.
+  # A warm start: a finished search's workdir (or its temperatures.json) whose per-layer, per-head c_h
+  # (and a_h, for a log search from a log search) start this search in place of search.init; '' = off.
+  cfg.search.init_from = ''
   cfg.search.min_temperature = 1.0  # Projection after each update: c_h >= this.
   # Projection of the log schedule's slopes after each update: a_h >= this (a number as a string, e.g.
   # '0' keeps every temperature >= c_h past L); '' leaves them free.

@@ -24,6 +24,35 @@ def temperatures_by_layer(state, name='temperature') -> list[list[float]]:
           for i in sorted(blocks) if name in blocks[i]['attention']]
 
 
+def read_temperatures(source) -> dict:
+  """{'temperature': [layer][head] c_h, plus 'temperature_slope': a_h if recorded} from a search's
+  temperatures.json (`source` is that file or the search's workdir)."""
+  path = paths.resolve(source)
+  if not path.name.endswith('.json'):
+    path = path / 'temperatures.json'
+  if not path.exists():
+    raise ConfigError(f'search.init_from={source} holds no temperatures.json; point it at a finished search --workdir.')
+  record = json.loads(path.read_text())
+  return {'temperature': record['temperatures'], **({'temperature_slope': record['slopes']} if 'slopes' in record else {})}
+
+
+def set_temperatures_by_layer(state, values) -> object:
+  """`state` with blocks[l].attention.<name> set to values[name][l] ([heads]) for each name in `values`
+  ('temperature', 'temperature_slope'); variables not named keep their values, dtypes and shardings."""
+  def set_value(path, v):
+    keys = [getattr(k, 'key', None) for k in path]
+    name = keys[-1]
+    if not (isinstance(v, Temperature) and name in values and keys[0] == 'blocks'):
+      return v
+    layer = keys[1]
+    row = np.asarray(values[name][layer], np.float32) if layer < len(values[name]) else None
+    if row is None or row.shape != v[...].shape:
+      raise ConfigError(f'search.init_from gives {name} of shape {None if row is None else row.shape} for layer {layer}, '
+                        f'but this model has {v[...].shape}; start from a search of the same model.')
+    return v.replace(jnp.asarray(row, v[...].dtype))
+  return jax.tree_util.tree_map_with_path(set_value, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
 def uniform_sweep(cfg, params, frozen, validation_loss):
   """The best uniform temperature for the target length: validation loss at data.seq_len for each candidate."""
   losses = {}
@@ -52,6 +81,15 @@ def start_state(cfg, workdir, graphdef, abstract, shardings, tx, validation_loss
     raise ConfigError(f'Step {base_step} of search.base={cfg.search.base} was rotated away while this search started; '
                       'run it again.')
   params, frozen = step_lib.split_model_state(cfg, graphdef, model_state)
+  if cfg.search.init_from:
+    # A warm start: another search's c_h (and a_h, if it has them; else the base's, 0 for a log search).
+    values = read_temperatures(cfg.search.init_from)
+    if cfg.model.temperature_schedule != 'log':
+      values.pop('temperature_slope', None)
+    logging.info('Temperature search from %s step %d, temperatures from %s (%s).', base_dir, base_step,
+                 cfg.search.init_from, ', '.join(values))
+    params = jax.device_put(set_temperatures_by_layer(params, values), shardings['params'])
+    return _fresh_state(params, frozen, shardings, tx), {'workdir': str(base_dir), 'step': base_step}
   init = config.search_init(cfg)
   if init == 'auto':
     init, losses = uniform_sweep(cfg, params, frozen, validation_loss)
@@ -60,9 +98,12 @@ def start_state(cfg, workdir, graphdef, abstract, shardings, tx, validation_loss
           {'chosen': init, 'validation_loss': {str(c): l for c, l in losses.items()}}, indent=2))
   logging.info('Temperature search from %s step %d, every temperature starting at %.2f.', base_dir, base_step, init)
   params = jax.device_put(model.set_temperatures(params, init), shardings['params'])
-  state = {'step': jax.device_put(jnp.int32(0), shardings['step']), 'params': params,
-           'frozen': frozen, 'opt': jax.jit(tx.init, out_shardings=shardings['opt'])(params)}
-  return state, {'workdir': str(base_dir), 'step': base_step}
+  return _fresh_state(params, frozen, shardings, tx), {'workdir': str(base_dir), 'step': base_step}
+
+
+def _fresh_state(params, frozen, shardings, tx):
+  return {'step': jax.device_put(jnp.int32(0), shardings['step']), 'params': params,
+          'frozen': frozen, 'opt': jax.jit(tx.init, out_shardings=shardings['opt'])(params)}
 
 
 def write_temperatures(workdir, temperatures, slopes=()) -> None:

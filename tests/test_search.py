@@ -249,3 +249,23 @@ def test_log_search_over_mixed_lengths_starts_from_a_constant_base(base_run, tfd
   logits, base_logits = searched(tokens), base(tokens)
   np.testing.assert_array_equal(logits[:, :PRETRAIN_LENGTH], base_logits[:, :PRETRAIN_LENGTH])
   assert np.abs(logits[:, PRETRAIN_LENGTH:] - base_logits[:, PRETRAIN_LENGTH:]).max() > 1e-4
+
+
+def test_search_init_from_starts_at_another_searchs_temperatures(search_run, base_run, tfds_dir, tmp_path):
+  """A log search warm-started from a constant search: its c_h per layer and head, slopes 0 (lr ~0, so they stay)."""
+  cfg = search_config(tfds_dir, base_run)
+  cfg.train.steps, cfg.train.warmup_steps, cfg.train.eval_every, cfg.train.checkpoint_every = 2, 1, 0, 2
+  cfg.train.learning_rate = 1e-9
+  cfg.model.temperature_schedule, cfg.model.temperature_length = 'log', PRETRAIN_LENGTH
+  cfg.search.init, cfg.search.init_from = '1.0', search_run[1]
+  loop.run(cfg, str(tmp_path))
+  source = json.loads((paths.resolve(search_run[1]) / 'temperatures.json').read_text())['temperatures']
+  record = json.loads((tmp_path / 'temperatures.json').read_text())
+  assert len({round(c, 6) for row in source for c in row}) > 1  # Per head, not a uniform start.
+  np.testing.assert_allclose(record['temperatures'], source, atol=1e-6)
+  np.testing.assert_allclose(record['slopes'], np.zeros((2, 4)), atol=1e-6)
+
+
+def test_search_init_from_without_temperatures_is_refused(tmp_path):
+  with pytest.raises(ConfigError, match='holds no temperatures.json'):
+    search.read_temperatures(str(tmp_path))
