@@ -13,7 +13,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # XLA:CPU options for the steps compiled on a CPU mesh. jaxlib 0.10 hands dots and reductions to
 # YNNPACK, which runs each one on a single thread; without it they go to Eigen, which splits them
-# over the cores: the tiny pretrain step runs 17% faster on 2 cores (bench/README.md, issue 14).
+# over the cores (measured in bench/README.md, issue 14).
 CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
