@@ -95,8 +95,9 @@ def choose(implementation, platform, seq_len, dtype, head_dim, has_segments, chu
 
 def default_block(kernel, platform) -> int:
   """The block size where model.attention_block = 0. Chunked on CPU: 64, the fastest measured at 256 to
-  1024 tokens (fwd + bwd, width 256: 15 ms against 22 ms for xla at 256 tokens, 71 against 119 ms at
-  512; bench/README.md); elsewhere 512, as before (splash blocks are multiples of the TPU's 128 lanes)."""
+  1024 tokens (one layer forward and backward, width 256: 12.1 ms against 20.8 ms for xla at 256
+  tokens, 45 against 110 ms at 512; `bench/attention_kernels.py --cpu-blocks`, bench/README.md);
+  elsewhere 512, as before (splash blocks are multiples of the TPU's 128 lanes)."""
   return 64 if kernel == 'chunked' and platform == 'cpu' else 512
 
 
