@@ -233,8 +233,11 @@ def _flash_forward(q_NxBxKxGxCxD, k_NxBxKxCxD, v_NxBxKxCxD, seg_NxBxC, pos_NxBxC
 
 
 def _flash_backward(q_NxBxKxGxCxD, k_NxBxKxCxD, v_NxBxKxCxD, seg_NxBxC, pos_NxBxC, bias_fn, bias_params,
-                    out_NxBxKxGxCxD, lse_NxBxKxGxC, dout):
-  """Gradients for q, k, v and the bias params: key blocks outside, the query blocks that see each key block inside."""
+                    out_NxBxKxGxCxD, lse_NxBxKxGxC, dout, with_kv=True):
+  """Gradients for q, k, v and the bias params: key blocks outside, the query blocks that see each key block inside.
+
+  with_kv=False leaves out dk and dv (returned as None): two of the four block products.
+  """
   N, B, K, G, C, D = q_NxBxKxGxCxD.shape
   scale = 1.0 / math.sqrt(D)
   # delta_i = sum_d dout * out = sum_j p_ij dp_ij, the softmax's correction term.
@@ -255,19 +258,21 @@ def _flash_backward(q_NxBxKxGxCxD, k_NxBxKxCxD, v_NxBxKxCxD, seg_NxBxC, pos_NxBx
                                        bias_params)
       s = _block_logits(q_i, k_BxKxCxD, i, j, segq, segk, bias_block)
       p = jnp.exp(s - lse_NxBxKxGxC[i][..., None])  # Masked logits are -inf: p = 0 there.
-      dv_BxKxCxD = dv_BxKxCxD + jnp.einsum('bkgqs,bkgqd->bksd', p.astype(dout.dtype), dout_i,
-                                           preferred_element_type=jnp.float32)
+      if with_kv:
+        dv_BxKxCxD = dv_BxKxCxD + jnp.einsum('bkgqs,bkgqd->bksd', p.astype(dout.dtype), dout_i,
+                                             preferred_element_type=jnp.float32)
       dp = jnp.einsum('bkgqd,bksd->bkgqs', dout_i, v_BxKxCxD, preferred_element_type=jnp.float32)
       dlogits = p * (dp - delta_NxBxKxGxC[i][..., None])  # The gradient of the biased logits.
       if bias_vjp is not None:
         dparams = jax.tree.map(jnp.add, dparams, bias_vjp(dlogits)[0])
       ds = dlogits * scale
       dq_i = jnp.einsum('bkgqs,bksd->bkgqd', ds.astype(k_BxKxCxD.dtype), k_BxKxCxD, preferred_element_type=jnp.float32)
-      dk_BxKxCxD = dk_BxKxCxD + jnp.einsum('bkgqs,bkgqd->bksd', ds.astype(q_i.dtype), q_i,
-                                           preferred_element_type=jnp.float32)
+      if with_kv:
+        dk_BxKxCxD = dk_BxKxCxD + jnp.einsum('bkgqs,bkgqd->bksd', ds.astype(q_i.dtype), q_i,
+                                             preferred_element_type=jnp.float32)
       return dq.at[i].add(dq_i), dparams, dk_BxKxCxD, dv_BxKxCxD
 
-    zeros = jnp.zeros((B, K, C, D), jnp.float32)
+    zeros = jnp.zeros((B, K, C, D), jnp.float32) if with_kv else None
     dq_NxBxKxGxCxD, dparams, dk, dv = jax.lax.fori_loop(j, N, query_block, (dq_NxBxKxGxCxD, dparams, zeros, zeros))
     return (dq_NxBxKxGxCxD, dparams), (dk, dv)
 
@@ -284,17 +289,27 @@ def _flash_blocks(q, k, v, seg, pos, bias_fn, bias_params):
 
 
 def _flash_blocks_fwd(q, k, v, seg, pos, bias_fn, bias_params):
+  # symbolic_zeros: every argument leaf comes as (value, perturbed). Where neither k nor v is
+  # perturbed (the first layer in the temperature search: its keys and values come from frozen
+  # weights and the embedding), the backward pass leaves their gradients out.
+  with_kv = k.perturbed or v.perturbed
+  q, k, v, seg, pos, bias_params = jax.tree.map(lambda a: a.value, (q, k, v, seg, pos, bias_params))
   out, lse = _flash_forward(q, k, v, seg, pos, bias_fn, bias_params)
-  return out, (q, k, v, seg, pos, bias_params, out, lse)
+  # with_kv rides in the residuals' structure ((), or None), since residual leaves must be arrays.
+  return out, (q, k, v, seg, pos, bias_params, out, lse, () if with_kv else None)
 
 
 def _flash_blocks_bwd(bias_fn, residuals, dout):
-  q, k, v, seg, pos, bias_params, out, lse = residuals
-  dq, dk, dv, dparams = _flash_backward(q, k, v, seg, pos, bias_fn, bias_params, out, lse, dout)
+  q, k, v, seg, pos, bias_params, out, lse, with_kv = residuals
+  if isinstance(dout, jax.custom_derivatives.SymbolicZero):  # The output is not differentiated.
+    return None, None, None, None, None, None
+  dq, dk, dv, dparams = _flash_backward(q, k, v, seg, pos, bias_fn, bias_params, out, lse, dout, with_kv is not None)
+  if with_kv is None:
+    return dq.astype(q.dtype), None, None, None, None, dparams
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, dparams
 
 
-_flash_blocks.defvjp(_flash_blocks_fwd, _flash_blocks_bwd)
+_flash_blocks.defvjp(_flash_blocks_fwd, _flash_blocks_bwd, symbolic_zeros=True)
 
 
 def flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT=None, block_size=512,

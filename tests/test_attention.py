@@ -208,6 +208,23 @@ def test_a_bias_on_the_logits_is_the_same_in_every_kernel_with_its_gradients():
   assert_close(y_rows, attention.attend(q, k, v, None, 'chunked', 16, bias=(positions.alibi_bias, slopes)), 1e-5)
 
 
+def test_chunked_leaves_out_key_and_value_gradients_nobody_asks_for():
+  """The temperature search's first layer: only q (through its temperature) is differentiated. The
+  chunked backward then computes dq alone, equal to the full backward's, with two of its four block
+  products gone from the compiled gradient."""
+  q, k, v, _, segment_ids = packed_inputs(4, 2, 64, jnp.float32)
+  weights = jax.random.normal(jax.random.key(10), q.shape, jnp.float32)
+
+  def loss(q, k, v):
+    return jnp.sum(attention.attend(q, k, v, segment_ids, 'chunked', 16) * weights)
+
+  q_only = jax.jit(jax.grad(loss))
+  assert_close(q_only(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)[0], 1e-6)
+  dots = {name: jax.jit(grad).lower(q, k, v).as_text().count('dot_general')
+          for name, grad in (('q', jax.grad(loss)), ('qkv', jax.grad(loss, argnums=(0, 1, 2))))}
+  assert dots['qkv'] - dots['q'] == 2, dots
+
+
 def test_chunked_without_segments_is_plain_causal_attention():
   q, k, v, _, _ = packed_inputs(8, 2, 45, jnp.float32)
   assert_close(attention.attend(q, k, v, None, 'chunked', 16), reference_attention(q, k, v, jnp.ones((2, 45))), 1e-5)
