@@ -9,9 +9,9 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # Run as `python bench/X.py` from anywhere.
 
-from nopejax import cli  # noqa: E402
+from nopejax import host  # noqa: E402
 
-cli.keep_cpu_buffers()  # As every nopejax command line does, before jax starts (CPU only).
+host.keep_cpu_buffers()  # As every nopejax command line does, before jax starts (CPU only).
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -271,8 +271,8 @@ def main(argv):
 if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
-  from nopejax import cli
-  cli.keep_cpu_buffers()  # Before jax starts.
+  from nopejax import host
+  host.keep_cpu_buffers()  # Before jax starts.
   config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/tiny.py.', lock_config=True)
   flags.DEFINE_string('out', 'runs/compare', 'Directory for every run, evaluation and the table.')
   flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. N-1: each pretrains every method once.')

@@ -36,8 +36,8 @@ def _override_keys(argv) -> list[str]:
 def _parse_flags(argv):
   """absl flag parsing; a bad flag or override ends in one sentence and exit code 2."""
   from absl import flags
-  from nopejax import cli
-  cli.keep_cpu_buffers()  # Before jax starts.
+  from nopejax import host
+  host.keep_cpu_buffers()  # Before jax starts.
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError, SyntaxError) as e:

@@ -154,6 +154,11 @@ def evaluate(workdir, overrides=None, out=None) -> dict:
       'label': label, 'workdir': str(paths.resolve(workdir)), **info, 'temperature_override': temperature,
       'temperatures': np.asarray(jax.device_get(
           [block.attention.temperature[...] for block in model.blocks]), np.float64).tolist(),
+      'temperature_schedule': cfg.model.temperature_schedule,
+      # The log schedule's a_h beside its c_h: [layer][head], as temperatures.json has them.
+      **({'temperature_slopes': np.asarray(jax.device_get(
+          [block.attention.temperature_slope[...] for block in model.blocks]), np.float64).tolist()}
+         if cfg.model.temperature_schedule == 'log' else {}),
       'dataset': cfg.data.dataset, 'split': e.split, 'lengths': lengths, 'stride': stride,
       'perplexity': {}, 'perplexity_detail': {}, 'passkey': {}, 'passkey_detail': {},
   }

@@ -87,6 +87,7 @@ def test_evaluate_writes_results_with_the_schema_plots_and_report(evaluated):
 def test_temperature_override_sets_every_head_and_writes_beside_the_base_results(evaluated):
   workdir, base, scaled, base_json = evaluated
   assert np.all(np.array(base['temperatures']) == 1.0)
+  assert base['temperature_schedule'] == 'constant' and 'temperature_slopes' not in base
   assert np.all(np.array(scaled['temperatures']) == 1.5) and scaled['temperature_override'] == 1.5
   assert scaled['label'] == f'{os.path.basename(workdir)} c=1.5'
   assert os.path.isfile(os.path.join(workdir, 'eval_c1.5', 'results.json'))
@@ -111,8 +112,10 @@ def test_compare_overlays_runs_in_one_plot_and_one_table(evaluated, tmp_path):
 
 
 def test_search_workdir_gets_its_pretraining_length_and_the_temperature_scatter(pretrained, tfds_dir, tmp_path):
+  """A log search (c_h and a_h past the pretraining length 16): results.json holds both, per layer and head."""
   cfg = small_config(tfds_dir)
   cfg.data.seq_len = 32
+  cfg.model.temperature_schedule, cfg.model.temperature_length = 'log', 16
   cfg.train.trainable = 'temperature'
   cfg.train.steps = 2
   cfg.train.warmup_steps = 1
@@ -126,6 +129,11 @@ def test_search_workdir_gets_its_pretraining_length_and_the_temperature_scatter(
   assert results['kind'] == 'search' and results['pretrain_length'] == 16 and results['search_length'] == 32
   assert results['stride'] == 4 and results['passkey'] == {}
   assert np.all(np.array(results['temperatures']) >= 1.0)
+  assert results['temperature_schedule'] == 'log'
+  slopes = np.array(results['temperature_slopes'])
+  assert slopes.shape == (2, 4) and np.any(slopes != 0.0)  # Two steps at lr 0.1 moved them off their start, 0.
+  with open(tmp_path / 'temperatures.json') as f:
+    np.testing.assert_allclose(slopes, json.load(f)['slopes'], rtol=1e-6)
   assert 'temperature_entropy.png' in results['plots']
   assert os.path.isfile(tmp_path / 'eval' / 'temperature_entropy.png')
 

@@ -1,17 +1,17 @@
-"""The command lines' shared set-up: glibc keeps the CPU step's freed buffers (cli.keep_cpu_buffers)."""
+"""glibc keeps the CPU step's freed buffers for the next step (host.keep_cpu_buffers)."""
 import subprocess
 import sys
 
 import pytest
 
-from nopejax import cli
+from nopejax import host
 
 # A fresh process, so that the setting cannot leak into the test session; its last line says whether
 # the step's buffers came back from the heap (few page faults per step) or fresh from the system.
 _PROBE = '''
 import ctypes, resource, threading
-from nopejax import cli
-applied = cli.keep_cpu_buffers()
+from nopejax import host
+applied = host.keep_cpu_buffers()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 size = 64 * 2**20  # Allocated, written and freed on a worker thread, as XLA:CPU does a step's temporaries.
@@ -51,6 +51,6 @@ def test_cpu_buffers_are_reused_instead_of_faulted_in_again(monkeypatch):
 
 def test_cpu_only_reads_jax_platforms(monkeypatch):
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  assert cli.cpu_only()
+  assert host.cpu_only()
   monkeypatch.setenv('JAX_PLATFORMS', 'tpu,cpu')
-  assert not cli.cpu_only()
+  assert not host.cpu_only()
