@@ -49,16 +49,24 @@ FORMS = (
      'as mix4, starting at cs16_sN\'s c_h and a_h = 0 (search.init_from)'),
     ('constant searched at 16L, 200 steps', 'cs16x200', 'as cs16, 200 steps (warmup 20), the paper\'s count'),
     ('log searched over 2L-16L, 200 steps', 'mix200', 'as mix, 200 steps (warmup 20)'),
+    ('constant searched at 16L, 400 steps', 'cs16x400', 'as cs16, 400 steps (warmup 40)'),
+    ('log searched over 2L-16L, 400 steps', 'mix400', 'as mix, 400 steps (warmup 40)'),
     ('log searched at 8L only', 'log8', 'as mix, with search.lengths=(512,): every band up to 8L, 4L-8L half the weight'),
     ('log with 1 only within L/2, searched over 2L-16L', 'logh',
      'as mix, with model.temperature_length=32: queries at L/2-L scaled too, so not the base within L'),
+    ('log with 1 only within L/2, searched over 2L-16L, 200 steps', 'logh200', 'as logh, 200 steps (warmup 20)'),
+    ('log with 1 only within 3L/4, searched over 2L-16L, 200 steps', 'logq200',
+     'as logh200, with model.temperature_length=48'),
     ('learned constant', 'lt_const', 'pretrained with trainable c_h (configs/tiny_learned_temperature.py)'),
     ('learned log (L=16)', 'lt_log', 'pretrained with trainable c_h, a_h beyond 16'),
     ('learned ssmax', 'lt_ssmax', 'pretrained with trainable s_h, tau = s_h ln i'),
 )
 CONSTANT = 'constant searched at 16L'
 # The constant search each form is counted against, when not CONSTANT: the one with the same steps.
-COMPARATOR = {'log searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps'}
+COMPARATOR = {'log searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps',
+              'log searched over 2L-16L, 400 steps': 'constant searched at 16L, 400 steps',
+              'log with 1 only within L/2, searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps',
+              'log with 1 only within 3L/4, searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps'}
 
 
 def finished(workdir: pathlib.Path) -> bool:
