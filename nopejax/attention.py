@@ -236,7 +236,7 @@ def _flash_backward(q_NxBxKxGxCxD, k_NxBxKxCxD, v_NxBxKxCxD, seg_NxBxC, pos_NxBx
                     out_NxBxKxGxCxD, lse_NxBxKxGxC, dout, with_kv=True):
   """Gradients for q, k, v and the bias params: key blocks outside, the query blocks that see each key block inside.
 
-  with_kv=False leaves out dk and dv (returned as None): two of the four block products.
+  with_kv=False leaves out dk and dv (returned as None): two of the five block products.
   """
   N, B, K, G, C, D = q_NxBxKxGxCxD.shape
   scale = 1.0 / math.sqrt(D)
