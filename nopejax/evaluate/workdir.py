@@ -9,7 +9,7 @@ from etils import epath
 from flax import nnx
 
 import nopejax
-from nopejax import checkpoint, config, data, paths
+from nopejax import checkpoint, config, data, paths, search
 from nopejax import model as model_lib
 from nopejax.config import ConfigError
 from nopejax.evaluate import entropy, passkey, perplexity, report
@@ -152,12 +152,10 @@ def evaluate(workdir, overrides=None, out=None) -> dict:
 
   results = {
       'label': label, 'workdir': str(paths.resolve(workdir)), **info, 'temperature_override': temperature,
-      'temperatures': np.asarray(jax.device_get(
-          [block.attention.temperature[...] for block in model.blocks]), np.float64).tolist(),
+      'temperatures': search.temperatures_by_layer(nnx.state(model)),
       'temperature_schedule': cfg.model.temperature_schedule,
       # The log schedule's a_h beside its c_h: [layer][head], as temperatures.json has them.
-      **({'temperature_slopes': np.asarray(jax.device_get(
-          [block.attention.temperature_slope[...] for block in model.blocks]), np.float64).tolist()}
+      **({'temperature_slopes': search.temperatures_by_layer(nnx.state(model), 'temperature_slope')}
          if cfg.model.temperature_schedule == 'log' else {}),
       'dataset': cfg.data.dataset, 'split': e.split, 'lengths': lengths, 'stride': stride,
       'perplexity': {}, 'perplexity_detail': {}, 'passkey': {}, 'passkey_detail': {},
