@@ -57,6 +57,10 @@ FORMS = (
     ('log with 1 only within L/2, searched over 2L-16L, 200 steps', 'logh200', 'as logh, 200 steps (warmup 20)'),
     ('log with 1 only within 3L/4, searched over 2L-16L, 200 steps', 'logq200',
      'as logh200, with model.temperature_length=48'),
+    ('log, one slope per layer, searched over 2L-16L, 200 steps', 'share200',
+     'as mix200, with search.share_slopes=True: a_h the mean over the layer\'s heads after each update'),
+    ('log, a slope per octave (a learned ramp), searched over 2L-16L, 200 steps', 'ramp200',
+     'as mix200, with model.temperature_octaves=4: slopes for L-2L, 2L-4L, 4L-8L and beyond 8L'),
     ('learned constant', 'lt_const', 'pretrained with trainable c_h (configs/tiny_learned_temperature.py)'),
     ('learned log (L=16)', 'lt_log', 'pretrained with trainable c_h, a_h beyond 16'),
     ('learned ssmax', 'lt_ssmax', 'pretrained with trainable s_h, tau = s_h ln i'),
@@ -66,7 +70,10 @@ CONSTANT = 'constant searched at 16L'
 COMPARATOR = {'log searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps',
               'log searched over 2L-16L, 400 steps': 'constant searched at 16L, 400 steps',
               'log with 1 only within L/2, searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps',
-              'log with 1 only within 3L/4, searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps'}
+              'log with 1 only within 3L/4, searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps',
+              'log, one slope per layer, searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps',
+              'log, a slope per octave (a learned ramp), searched over 2L-16L, 200 steps':
+                  'constant searched at 16L, 200 steps'}
 
 
 def finished(workdir: pathlib.Path) -> bool:

@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'ssmax' tau = s_h ln(i) (Scalable-Softmax; s_h starts at model.temperature / ln L).
   cfg.model.temperature_schedule = 'constant'
   cfg.model.temperature_length = 0  # L of the schedules; 0 = data.seq_len (a search must set its base's length).
+  # 'log' only: K slopes per head, one per octave past L. tau = c_h + a_h,0 r_0 + ... + a_h,K-1 r_K-1 with
+  # r_k = ln(i / L) - k ln 2 clipped to [0, ln 2] (the last unclipped above): a learned ramp, piecewise
+  # linear in ln i with knots at 2L, 4L, ...; K = 1 is the log form itself.
+  cfg.model.temperature_octaves = 1
   cfg.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'. Params stay float32.
   # What the backward pass recomputes of each block: 'none', 'full' (everything: least memory),
   # 'save_dots' (keeps every matmul output), 'save_dots_no_batch' (keeps the projections' and the
@@ -145,6 +149,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Projection of the log schedule's slopes after each update: a_h >= this (a number as a string, e.g.
   # '0' keeps every temperature >= c_h past L); '' leaves them free.
   cfg.search.min_slope = ''
+  # True: one slope per layer, its heads' mean after each update (a per-layer share of the log schedule's a_h).
+  cfg.search.share_slopes = False
   cfg.search.init_candidates = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5)  # Uniform values tried by init='auto'.
   # Target lengths searched together, each <= data.seq_len: the loss is the mean over lengths n of the
   # mean loss of each window's first n tokens (= a window of n tokens); () = data.seq_len alone.

@@ -31,6 +31,8 @@ def query_temperatures(schedule, positions_BxT, length, temperature_H, slope_H=N
   attends to it whatever the scale):
     constant  tau = c_h (returned as 1x1xH)
     log       tau = 1 for i <= length, c_h + a_h ln(i / length) beyond: the base model within length
+              (slope_H [K, H] instead: one slope per octave, c_h + sum_k a_h,k r_k with r_k = ln(i / length)
+              - k ln 2 clipped to [0, ln 2], the last not clipped above: a ramp linear in ln i per octave)
     ssmax     tau = s_h ln(i) (Scalable-Softmax, Nakanishi 2025), temperature_H holding s_h
   """
   c_1x1xH = temperature_H.astype(jnp.float32)[None, None, :]
@@ -38,7 +40,12 @@ def query_temperatures(schedule, positions_BxT, length, temperature_H, slope_H=N
     return c_1x1xH
   i_BxTx1 = positions_BxT.astype(jnp.float32)[:, :, None] + 1.0
   if schedule == 'log':
-    beyond_BxTxH = c_1x1xH + slope_H.astype(jnp.float32)[None, None, :] * jnp.log(i_BxTx1 / length)
+    slope_KxH = slope_H.astype(jnp.float32).reshape(-1, c_1x1xH.shape[-1])
+    K = slope_KxH.shape[0]
+    octave_K = jnp.arange(K, dtype=jnp.float32) * math.log(2.0)
+    width_K = jnp.where(jnp.arange(K) < K - 1, math.log(2.0), jnp.inf)
+    ramp_BxTxK = jnp.clip(jnp.log(i_BxTx1 / length) - octave_K, 0.0, width_K)
+    beyond_BxTxH = c_1x1xH + jnp.einsum('btk,kh->bth', ramp_BxTxK, slope_KxH)
     return jnp.where(i_BxTx1 > length, beyond_BxTxH, 1.0)
   if schedule == 'ssmax':
     return c_1x1xH * jnp.log(i_BxTx1)

@@ -149,6 +149,13 @@ def validate(cfg) -> None:
   if (m.temperature_schedule == 'log' and cfg.train.trainable == 'temperature' and not m.temperature_length):
     raise ConfigError("model.temperature_schedule='log' in a search needs model.temperature_length, the pretraining "
                       'length below which the temperature stays 1 (data.seq_len is the search length); set it, e.g. 64.')
+  if not isinstance(m.temperature_octaves, int) or m.temperature_octaves < 1 or (
+      m.temperature_octaves > 1 and m.temperature_schedule != 'log'):
+    raise ConfigError(f'model.temperature_octaves={m.temperature_octaves!r} must be a positive integer, above 1 only '
+                      "with model.temperature_schedule='log'; set it to 1, or pick the log schedule.")
+  if not isinstance(cfg.search.share_slopes, bool) or (cfg.search.share_slopes and m.temperature_schedule != 'log'):
+    raise ConfigError(f'search.share_slopes={cfg.search.share_slopes!r} must be True or False, and True only with '
+                      "model.temperature_schedule='log' (the slopes it shares); set it to False or pick the log schedule.")
   t = cfg.train
   if t.trainable not in TRAINABLE:
     raise ConfigError(f'train.trainable={t.trainable!r} is not one of {TRAINABLE}; pick one of those.')

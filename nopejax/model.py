@@ -66,8 +66,10 @@ class Attention(nnx.Module):
     self.schedule, self.schedule_length = m.temperature_schedule, config.temperature_length(cfg)
     start = m.temperature / math.log(self.schedule_length) if self.schedule == 'ssmax' else m.temperature
     self.temperature = Temperature(jnp.full((H,), start, jnp.float32), axes=('temperature',))
-    if self.schedule == 'log':
-      self.temperature_slope = TemperatureSlope(jnp.zeros((H,), jnp.float32), axes=('temperature',))
+    if self.schedule == 'log':  # [H], or [K, H] for K octaves (model.temperature_octaves).
+      K = m.temperature_octaves
+      self.temperature_slope = TemperatureSlope(jnp.zeros((H,) if K == 1 else (K, H), jnp.float32),
+                                                axes=('temperature',) if K == 1 else (None, 'temperature'))
     self.dtype = jnp.dtype(m.dtype)
     self.rules = cfg.mesh.rules
     self.implementation = m.attention_impl

@@ -62,11 +62,15 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   return optax.multi_transform({'model': weights, 'temperature': temperatures}, partition_labels)
 
 
-def clamp_temperatures(params, minimum: float, min_slope: float | None = None):
+def clamp_temperatures(params, minimum: float, min_slope: float | None = None, share_slopes: bool = False):
   """Projects every temperature in `params` onto c >= minimum (the paper's focus constraint), and the
-  log schedule's slopes onto a_h >= min_slope (None: left free)."""
+  log schedule's slopes onto a_h >= min_slope (None: left free) and, with share_slopes, onto one
+  value per layer (and octave): the mean over the heads, their last axis."""
   def clamp(v):
     if isinstance(v, TemperatureSlope):
-      return v if min_slope is None else v.replace(jnp.maximum(v[...], min_slope))
+      slope = v[...]
+      if share_slopes:
+        slope = jnp.broadcast_to(slope.mean(axis=-1, keepdims=True), slope.shape)
+      return v.replace(slope if min_slope is None else jnp.maximum(slope, min_slope))
     return v.replace(jnp.maximum(v[...], minimum)) if isinstance(v, Temperature) else v
   return jax.tree.map(clamp, params, is_leaf=lambda v: isinstance(v, nnx.Variable))

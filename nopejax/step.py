@@ -108,7 +108,8 @@ def make_train_step(cfg, graphdef, tx):
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     if clamp:
-      params = optim.clamp_temperatures(params, cfg.search.min_temperature, config.search_min_slope(cfg))
+      params = optim.clamp_temperatures(params, cfg.search.min_temperature, config.search_min_slope(cfg),
+                                        cfg.search.share_slopes)
     # A non-finite loss or gradient leaves weights and optimizer state as they were, so no state
     # ever holds a NaN and no checkpoint can; the loop stops or skips (train.skip_nonfinite).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -327,3 +327,18 @@ def test_query_temperatures_follow_each_schedules_formula():
   assert np.all(np.asarray(log[:16]) == 1.0)  # Exactly 1 within L: the base model there.
   ssmax = attention.query_temperatures('ssmax', positions_1xT, 16, c)[0]
   np.testing.assert_allclose(ssmax, np.asarray(c) * np.log(i), rtol=1e-6, atol=1e-7)
+
+
+def test_log_schedule_with_octaves_is_a_ramp_linear_in_ln_i_within_each_octave():
+  positions_1xT = jnp.arange(160)[None]  # i = 1 .. 160 with L = 16: octaves 16-32, 32-64, 64-160.
+  i = np.arange(1, 161, dtype=np.float64)[:, None]
+  c, a_KxH = jnp.array([1.5, 0.8]), jnp.array([[0.3, -0.1], [0.5, 0.2], [-0.4, 0.7]])
+  ramp = attention.query_temperatures('log', positions_1xT, 16, c, a_KxH)[0]
+  u, ln2 = np.log(i / 16), np.log(2.0)
+  expected = (np.asarray(c) + np.clip(u, 0, ln2) * np.asarray(a_KxH[0]) + np.clip(u - ln2, 0, ln2) * np.asarray(a_KxH[1])
+              + np.maximum(u - 2 * ln2, 0) * np.asarray(a_KxH[2]))
+  np.testing.assert_allclose(ramp, np.where(i <= 16, 1.0, expected), rtol=1e-5)
+  assert np.all(np.asarray(ramp[:16]) == 1.0)
+  # One octave ([1, H]) is the log form itself, unclipped all the way out.
+  np.testing.assert_allclose(attention.query_temperatures('log', positions_1xT, 16, c, a_KxH[:1]),
+                             attention.query_temperatures('log', positions_1xT, 16, c, a_KxH[0]), rtol=1e-6)

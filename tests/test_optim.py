@@ -74,6 +74,21 @@ def test_clamp_projects_temperatures_and_slopes_only_with_min_slope():
   assert all((leaf == 0.0).all() for leaf in leaves(kept, 'temperature_slope'))
 
 
+def test_shared_slopes_are_each_layers_mean_over_heads_for_every_octave():
+  cfg = small_config()
+  cfg.model.temperature_schedule, cfg.model.temperature_octaves = 'log', 2
+  state = nnx.state(model.Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+  H = cfg.model.num_heads
+  slopes_KxH = jnp.arange(2 * H, dtype=jnp.float32).reshape(2, H)  # Octave k, head h: k H + h.
+  state = jax.tree.map(lambda v: v.replace(slopes_KxH) if isinstance(v, model.TemperatureSlope) else v, state,
+                       is_leaf=lambda v: isinstance(v, nnx.Variable))
+  shared = optim.clamp_temperatures(state, 1.0, min_slope=None, share_slopes=True)
+  slopes = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(shared)[0] if str(path[-2].key) == 'temperature_slope']
+  assert len(slopes) == cfg.model.num_layers
+  for leaf in slopes:
+    np.testing.assert_allclose(leaf, np.repeat(np.array([[(H - 1) / 2], [H + (H - 1) / 2]]), H, axis=1))
+
+
 def test_model_and_temperature_partitions_move_with_their_own_rate_and_clipping():
   cfg = small_config()
   cfg.train.trainable = 'model+temperature'

@@ -251,6 +251,28 @@ def test_log_search_over_mixed_lengths_starts_from_a_constant_base(base_run, tfd
   assert np.abs(logits[:, PRETRAIN_LENGTH:] - base_logits[:, PRETRAIN_LENGTH:]).max() > 1e-4
 
 
+def test_log_search_with_octave_slopes_shared_per_layer(base_run, tfds_dir, tmp_path):
+  """A learned ramp (2 octaves) with search.share_slopes: each layer's slopes equal over its heads, per octave;
+  within L still the base; a config with another number of octaves is refused with the fix."""
+  cfg = search_config(tfds_dir, base_run)
+  cfg.train.steps, cfg.train.warmup_steps, cfg.train.eval_every, cfg.train.checkpoint_every = 4, 1, 0, 4
+  cfg.model.temperature_schedule, cfg.model.temperature_length = 'log', PRETRAIN_LENGTH
+  cfg.model.temperature_octaves, cfg.search.share_slopes = 2, True
+  cfg.search.lengths, cfg.search.init = (2 * PRETRAIN_LENGTH, 4 * PRETRAIN_LENGTH), '1.0'
+  loop.run(cfg, str(tmp_path))
+  slopes_LxKxH = np.array(json.loads((tmp_path / 'temperatures.json').read_text())['slopes'])
+  assert slopes_LxKxH.shape == (2, 2, 4) and np.abs(slopes_LxKxH).max() > 0
+  np.testing.assert_allclose(slopes_LxKxH, np.repeat(slopes_LxKxH[..., :1], 4, axis=-1), rtol=1e-6)
+  assert not np.allclose(slopes_LxKxH[:, 0], slopes_LxKxH[:, 1])  # Each octave its own slope.
+  searched, base = nopejax.load(str(tmp_path))[0], nopejax.load(base_run)[0]
+  tokens = jax.random.randint(jax.random.key(0), (2, 4 * PRETRAIN_LENGTH), 0, 256)
+  np.testing.assert_array_equal(searched(tokens)[:, :PRETRAIN_LENGTH], base(tokens)[:, :PRETRAIN_LENGTH])
+  cfg.model.temperature_octaves = 1
+  with pytest.raises(ConfigError, match='holds 2 log-schedule slope.s. per head but the config asks for 1; set '
+                                        '--config.model.temperature_octaves=2'):
+    checkpoint.restore_model(str(tmp_path), cfg, None)
+
+
 def test_search_init_from_starts_at_another_searchs_temperatures(search_run, base_run, tfds_dir, tmp_path):
   """A log search warm-started from a constant search: its c_h per layer and head, slopes 0 (lr ~0, so they stay)."""
   cfg = search_config(tfds_dir, base_run)
