@@ -11,9 +11,9 @@ from nopejax.config import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
-# XLA:CPU options for the steps compiled on a CPU mesh. jaxlib 0.10 hands dots and reductions to
-# YNNPACK, which runs each one on a single thread; without it they go to Eigen, which splits them
-# over the cores (measured in bench/README.md, issue 14).
+# XLA:CPU options for the train steps compiled on a CPU mesh of several (simulated) devices: dots and
+# reductions to Eigen instead of YNNPACK. Measured in bench/README.md (issue 14): faster there, but
+# slower on one device and in the evaluation's forward passes, which keep XLA's defaults.
 CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
@@ -98,8 +98,10 @@ def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
 
 
 def compiler_options(mesh):
-  """jax.jit's compiler_options for a step on `mesh`: CPU_COMPILER_OPTIONS on CPU devices, else none."""
-  return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == 'cpu' else None
+  """jax.jit's compiler_options for a train step on `mesh`: CPU_COMPILER_OPTIONS on a CPU mesh of more
+  than one device, else none (XLA's defaults)."""
+  on_cpu = mesh.devices.flat[0].platform == 'cpu'
+  return dict(CPU_COMPILER_OPTIONS) if on_cpu and mesh.devices.size > 1 else None
 
 
 def logical_spec(axes, rules) -> P:

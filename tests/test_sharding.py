@@ -150,12 +150,16 @@ def test_sharded_optimizer_state_gives_the_replicated_step():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results)
 
 
-def test_compiler_options_only_for_cpu_meshes():
+def test_compiler_options_only_for_cpu_meshes_of_several_devices():
   cpu_mesh = sharding.make_mesh(small_config())
-  assert sharding.compiler_options(cpu_mesh) == sharding.CPU_COMPILER_OPTIONS
-  step = jax.jit(lambda x, w: jnp.tanh(x @ w).sum(), compiler_options=sharding.compiler_options(cpu_mesh))
+  assert cpu_mesh.devices.size == 8 and sharding.compiler_options(cpu_mesh) == sharding.CPU_COMPILER_OPTIONS
   x = jnp.ones((64, 32))
-  assert 'ynn' not in step.lower(x, x.T).compile().as_text()  # The matmul stays out of YNNPACK.
+  compiled = {}
+  for name, mesh in ('eight', cpu_mesh), ('one', jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))):
+    step = jax.jit(lambda x, w: jnp.tanh(x @ w).sum(), compiler_options=sharding.compiler_options(mesh))
+    compiled[name] = step.lower(x, x.T).compile().as_text()
+  assert sharding.compiler_options(jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))) is None
+  assert 'ynn' not in compiled['eight'] and 'ynn' in compiled['one']  # The matmul out of YNNPACK, or in it.
 
 
 def test_bytes_per_device_divides_sharded_parameters():
