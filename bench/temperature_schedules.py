@@ -61,6 +61,9 @@ FORMS = (
      'as mix200, with search.share_slopes=True: a_h the mean over the layer\'s heads after each update'),
     ('log, a slope per octave (a learned ramp), searched over 2L-16L, 200 steps', 'ramp200',
      'as mix200, with model.temperature_octaves=4: slopes for L-2L, 2L-4L, 4L-8L and beyond 8L'),
+    ('log, a slope per octave, searched over 2L-16L with 8L twice, 200 steps', 'ramp8w200',
+     'as ramp200, with search.lengths=(128,256,512,512,1024): the band it loses weighted more'),
+    ('log, a slope per octave, searched over 2L-16L, 400 steps', 'ramp400', 'as ramp200, 400 steps (warmup 40)'),
     ('learned constant', 'lt_const', 'pretrained with trainable c_h (configs/tiny_learned_temperature.py)'),
     ('learned log (L=16)', 'lt_log', 'pretrained with trainable c_h, a_h beyond 16'),
     ('learned ssmax', 'lt_ssmax', 'pretrained with trainable s_h, tau = s_h ln i'),
@@ -73,7 +76,9 @@ COMPARATOR = {'log searched over 2L-16L, 200 steps': 'constant searched at 16L, 
               'log with 1 only within 3L/4, searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps',
               'log, one slope per layer, searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps',
               'log, a slope per octave (a learned ramp), searched over 2L-16L, 200 steps':
-                  'constant searched at 16L, 200 steps'}
+                  'constant searched at 16L, 200 steps',
+              'log, a slope per octave, searched over 2L-16L with 8L twice, 200 steps': 'constant searched at 16L, 200 steps',
+              'log, a slope per octave, searched over 2L-16L, 400 steps': 'constant searched at 16L, 400 steps'}
 
 
 def finished(workdir: pathlib.Path) -> bool:
