@@ -64,6 +64,8 @@ FORMS = (
     ('log, a slope per octave, searched over 2L-16L with 8L twice, 200 steps', 'ramp8w200',
      'as ramp200, with search.lengths=(128,256,512,512,1024): the band it loses weighted more'),
     ('log, a slope per octave, searched over 2L-16L, 400 steps', 'ramp400', 'as ramp200, 400 steps (warmup 40)'),
+    ('log, a slope per octave, searched over 2L-16L with 8L and 16L twice, 200 steps', 'ramp816w200',
+     'as ramp200, with search.lengths=(128,256,512,512,1024,1024)'),
     ('learned constant', 'lt_const', 'pretrained with trainable c_h (configs/tiny_learned_temperature.py)'),
     ('learned log (L=16)', 'lt_log', 'pretrained with trainable c_h, a_h beyond 16'),
     ('learned ssmax', 'lt_ssmax', 'pretrained with trainable s_h, tau = s_h ln i'),
@@ -78,7 +80,9 @@ COMPARATOR = {'log searched over 2L-16L, 200 steps': 'constant searched at 16L, 
               'log, a slope per octave (a learned ramp), searched over 2L-16L, 200 steps':
                   'constant searched at 16L, 200 steps',
               'log, a slope per octave, searched over 2L-16L with 8L twice, 200 steps': 'constant searched at 16L, 200 steps',
-              'log, a slope per octave, searched over 2L-16L, 400 steps': 'constant searched at 16L, 400 steps'}
+              'log, a slope per octave, searched over 2L-16L, 400 steps': 'constant searched at 16L, 400 steps',
+              'log, a slope per octave, searched over 2L-16L with 8L and 16L twice, 200 steps':
+                  'constant searched at 16L, 200 steps'}
 
 
 def finished(workdir: pathlib.Path) -> bool:
