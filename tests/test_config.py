@@ -1,4 +1,6 @@
+import importlib
 import json
+import pathlib
 import re
 
 import pytest
@@ -92,3 +94,9 @@ def test_saved_config_round_trips_with_tuples_and_rejects_unknown_keys():
 
 def test_is_declared():
   assert config.is_declared('train.steps') and not config.is_declared('train.stepz')
+
+
+@pytest.mark.parametrize('name', sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / 'configs').glob('*.py')
+                                        if p.stem not in ('__init__', 'base', 'workdir', 'workdir_search')))
+def test_every_shipped_config_is_valid(name):
+  config.validate(importlib.import_module(f'configs.{name}').get_config())
