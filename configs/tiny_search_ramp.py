@@ -1,9 +1,9 @@
-"""The best schedule search found for the tiny model that keeps the base model exactly within L (issue 13).
+"""The best search found for the tiny model that keeps it exactly the base model within L (issue 13).
 
 configs/tiny_search_mix.py with a slope per octave past L = 64 (model.temperature_octaves=4:
 L-2L, 2L-4L, 4L-8L, beyond 8L; a ramp piecewise linear in ln i) and 8L listed twice in
-search.lengths. Over three pretraining seeds it is, on the mean, at least as good as the constant
-search at 16L in every band from L to 16L (README, issue 13; per seed not in every band).
+search.lengths. Against the constant search at 16L (200 steps each), it is ahead at L-2L and 2L-4L
+in most seeds, level at 8L-16L and behind at 4L-8L over five seeds (README, issue 13).
 
   python -m nopejax.train --config configs/tiny_search_ramp.py --workdir runs/tiny_search_ramp \
       --config.search.base=runs/tiny
