@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -71,18 +72,13 @@ FORMS = (
     ('learned ssmax', 'lt_ssmax', 'pretrained with trainable s_h, tau = s_h ln i'),
 )
 CONSTANT = 'constant searched at 16L'
-# The constant search each form is counted against, when not CONSTANT: the one with the same steps.
-COMPARATOR = {'log searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps',
-              'log searched over 2L-16L, 400 steps': 'constant searched at 16L, 400 steps',
-              'log with 1 only within L/2, searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps',
-              'log with 1 only within 3L/4, searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps',
-              'log, one slope per layer, searched over 2L-16L, 200 steps': 'constant searched at 16L, 200 steps',
-              'log, a slope per octave (a learned ramp), searched over 2L-16L, 200 steps':
-                  'constant searched at 16L, 200 steps',
-              'log, a slope per octave, searched over 2L-16L with 8L twice, 200 steps': 'constant searched at 16L, 200 steps',
-              'log, a slope per octave, searched over 2L-16L, 400 steps': 'constant searched at 16L, 400 steps',
-              'log, a slope per octave, searched over 2L-16L with 8L and 16L twice, 200 steps':
-                  'constant searched at 16L, 200 steps'}
+
+
+def comparator(form: str) -> str:
+  """The constant search a form is counted against: the one with the steps its name ends with
+  (', 200 steps'), else CONSTANT (100 steps)."""
+  steps = re.search(r', (\d+) steps$', form)
+  return f'{CONSTANT}, {steps.group(1)} steps' if steps else CONSTANT
 
 
 def finished(workdir: pathlib.Path) -> bool:
@@ -159,12 +155,13 @@ def main():
       cells = [f'{m:.3f}' for m in values[0]]
     print(f'| {form} | {len(values)} | ' + ' | '.join(cells) + ' |')
   # Seed by seed against the constant search at 16L (same steps), in each band past L: wins / seeds compared.
-  print(f'\nSeeds with a lower loss than {CONSTANT!r} (same seed; {COMPARATOR} where named) / seeds compared:\n')
+  print(f'\nSeeds with a lower loss than {CONSTANT!r} (same seed; with as many steps where the form names them) / '
+        'seeds compared:\n')
   print('| form | ' + ' | '.join(bands[1:]) + ' |\n|---|' + '---|' * (len(bands) - 1))
   for form, by_seed in runs.items():
-    constant = runs.get(COMPARATOR.get(form, CONSTANT), {})
+    constant = runs.get(comparator(form), {})
     seeds = [s for s in by_seed if s in constant]
-    if form not in (CONSTANT, *COMPARATOR.values()) and seeds:
+    if form not in (CONSTANT, comparator(form)) and seeds:  # Not a constant search itself.
       wins = [sum(by_seed[s][b] < constant[s][b] for s in seeds) for b in bands[1:]]
       print(f'| {form} | ' + ' | '.join(f'{w}/{len(seeds)}' for w in wins) + ' |')
 
