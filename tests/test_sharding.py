@@ -151,14 +151,14 @@ def test_sharded_optimizer_state_gives_the_replicated_step():
 
 
 def test_compiler_options_only_for_cpu_meshes_of_several_devices():
-  cpu_mesh = sharding.make_mesh(small_config())
+  cpu_mesh, one_device_mesh = sharding.make_mesh(small_config()), jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
   assert cpu_mesh.devices.size == 8 and sharding.compiler_options(cpu_mesh) == sharding.CPU_COMPILER_OPTIONS
+  assert sharding.compiler_options(one_device_mesh) is None
   x = jnp.ones((64, 32))
   compiled = {}
-  for name, mesh in ('eight', cpu_mesh), ('one', jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))):
+  for name, mesh in ('eight', cpu_mesh), ('one', one_device_mesh):
     step = jax.jit(lambda x, w: jnp.tanh(x @ w).sum(), compiler_options=sharding.compiler_options(mesh))
     compiled[name] = step.lower(x, x.T).compile().as_text()
-  assert sharding.compiler_options(jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))) is None
   assert 'ynn' not in compiled['eight'] and 'ynn' in compiled['one']  # The matmul out of YNNPACK, or in it.
 
 
