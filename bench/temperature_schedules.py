@@ -67,6 +67,17 @@ FORMS = (
     ('log, a slope per octave, searched over 2L-16L, 400 steps', 'ramp400', 'as ramp200, 400 steps (warmup 40)'),
     ('log, a slope per octave, searched over 2L-16L with 8L and 16L twice, 200 steps', 'ramp816w200',
      'as ramp200, with search.lengths=(128,256,512,512,1024,1024)'),
+    ('log, a slope per octave, searched at 16L only, 200 steps', 'ramp16x200',
+     "as ramp200, with search.lengths=(1024,): the constant search's own objective"),
+    ('log, a slope per octave, searched over 2L-16L with 16L twice (each band past L a fifth), 200 steps',
+     'rampeq200', 'as ramp200, with search.lengths=(128,256,512,1024,1024)'),
+    ('log, a slope per octave, searched over 4L-16L with 16L twice, 200 steps', 'rampmid200',
+     'as ramp200, with search.lengths=(256,512,1024,1024)'),
+    ('log, a slope per octave, from the best uniform c past L, searched over 2L-16L with 8L twice, 200 steps',
+     'rampauto200', 'as ramp8w200, with search.init=auto over (1.0,1.2,1.4,1.6,1.8): c_h starts where the '
+     'constant search starts'),
+    ('constant searched at 16L a second time, 200 steps', 'cs16x200r',
+     'cs16x200 repeated (same seed, config and base): how far two runs of one search land apart here'),
     ('learned constant', 'lt_const', 'pretrained with trainable c_h (configs/tiny_learned_temperature.py)'),
     ('learned log (L=16)', 'lt_log', 'pretrained with trainable c_h, a_h beyond 16'),
     ('learned ssmax', 'lt_ssmax', 'pretrained with trainable s_h, tau = s_h ln i'),
@@ -164,6 +175,19 @@ def main():
     if form not in (CONSTANT, comparator(form)) and seeds:  # Not a constant search itself.
       wins = [sum(by_seed[s][b] < constant[s][b] for s in seeds) for b in bands[1:]]
       print(f'| {form} | ' + ' | '.join(f'{w}/{len(seeds)}' for w in wins) + ' |')
+  # The same pairs as numbers: the seeds share a base model, so the base's spread cancels and what is
+  # left is the form's own (and the two searches' run-to-run) spread.
+  print(f'\nLoss minus that of {CONSTANT!r} (same seed, same steps), mean ± standard error over the seeds '
+        '(negative: the form is ahead):\n')
+  print('| form | seeds | ' + ' | '.join(bands[1:]) + ' |\n|---|---|' + '---|' * (len(bands) - 1))
+  for form, by_seed in runs.items():
+    constant = runs.get(comparator(form), {})
+    seeds = [s for s in sorted(by_seed) if s in constant]
+    if form not in (CONSTANT, comparator(form)) and len(seeds) > 1:
+      diff_SxB = np.array([[by_seed[s][b] - constant[s][b] for b in bands[1:]] for s in seeds])
+      se_B = diff_SxB.std(axis=0, ddof=1) / math.sqrt(len(seeds))
+      print(f'| {form} | {len(seeds)} | ' + ' | '.join(f'{m:+.3f} ± {e:.3f}' for m, e in zip(diff_SxB.mean(axis=0), se_B))
+            + ' |')
 
 
 if __name__ == '__main__':
