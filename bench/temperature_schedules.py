@@ -50,6 +50,8 @@ FORMS = (
      'as mix4, starting at cs16_sN\'s c_h and a_h = 0 (search.init_from)'),
     ('constant searched at 16L, 200 steps', 'cs16x200', 'as cs16, 200 steps (warmup 20), the paper\'s count'),
     ('log searched over 2L-16L, 200 steps', 'mix200', 'as mix, 200 steps (warmup 20)'),
+    ('constant searched at 16L, applied beyond L only, 200 steps', 'cs16x200',
+     "cs16x200's c_h for queries past L, 1 within L, zero-shot"),
     ('constant searched at 16L, 400 steps', 'cs16x400', 'as cs16, 400 steps (warmup 40)'),
     ('log searched over 2L-16L, 400 steps', 'mix400', 'as mix, 400 steps (warmup 40)'),
     ('log searched at 8L only', 'log8', 'as mix, with search.lengths=(512,): every band up to 8L, 4L-8L half the weight'),
@@ -73,6 +75,10 @@ FORMS = (
      'rampeq200', 'as ramp200, with search.lengths=(128,256,512,1024,1024)'),
     ('log, a slope per octave, searched over 4L-16L with 16L twice, 200 steps', 'rampmid200',
      'as ramp200, with search.lengths=(256,512,1024,1024)'),
+    ('log, a slope per octave, searched over 4L-16L with 16L three times, 200 steps', 'ramp4x16w200',
+     'as ramp200, with search.lengths=(256,1024,1024,1024)'),
+    ('log, a slope per octave, searched over 8L-16L, 200 steps', 'ramp8x16200',
+     'as ramp200, with search.lengths=(512,1024): 4L-8L the largest weight'),
     ('log, a slope per octave, from the best uniform c past L, searched over 2L-16L with 8L twice, 200 steps',
      'rampauto200', 'as ramp8w200, with search.init=auto over (1.0,1.2,1.4,1.6,1.8): c_h starts where the '
      'constant search starts'),
@@ -119,7 +125,7 @@ def models_of(form, workdir, pretrain_length):
   model, cfg = nopejax.load(str(workdir))
   if form == 'log-n':
     return with_log_schedule(model, cfg, pretrain_length, lambda layer, block: 1.0, 1.0 / math.log(pretrain_length))
-  if form.endswith('beyond L only'):
+  if 'beyond L only' in form:
     return with_log_schedule(model, cfg, pretrain_length, lambda layer, block: block.attention.temperature[...], 0.0)
   return model
 
