@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
   # r_k = ln(i / L) - k ln 2 clipped to [0, ln 2] (the last unclipped above): a learned ramp, piecewise
   # linear in ln i with knots at 2L, 4L, ...; K = 1 is the log form itself.
   cfg.model.temperature_octaves = 1
+  # The octaves' shape: 'ramp' (above: continuous, each octave's line starting where the last one ends) or
+  # 'step' (tau = c_h + a_h,k throughout octave k, the last one out to any length: every octave's value
+  # its own, so what the search sets for one octave does not pull its neighbours).
+  cfg.model.temperature_octave_shape = 'ramp'
   cfg.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'. Params stay float32.
   # What the backward pass recomputes of each block: 'none', 'full' (everything: least memory),
   # 'save_dots' (keeps every matmul output), 'save_dots_no_batch' (keeps the projections' and the

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from nopejax import config, sharding
 
 
-def query_temperatures(schedule, positions_BxT, length, temperature_H, slope_H=None):
+def query_temperatures(schedule, positions_BxT, length, temperature_H, slope_H=None, octave_shape='ramp'):
   """tau_BxTxH, the multiplier on each query by its head and its position (0-based within its document).
 
   With i = position + 1 (1-based, so ln(1) = 0 falls on the first token, which sees one key and
@@ -32,7 +32,8 @@ def query_temperatures(schedule, positions_BxT, length, temperature_H, slope_H=N
     constant  tau = c_h (returned as 1x1xH)
     log       tau = 1 for i <= length, c_h + a_h ln(i / length) beyond: the base model within length
               (slope_H [K, H] instead: one slope per octave, c_h + sum_k a_h,k r_k with r_k = ln(i / length)
-              - k ln 2 clipped to [0, ln 2], the last not clipped above: a ramp linear in ln i per octave)
+              - k ln 2 clipped to [0, ln 2], the last not clipped above: a ramp linear in ln i per octave;
+              octave_shape='step': c_h + a_h,k for L 2^k < i <= L 2^(k+1), the last octave to any length)
     ssmax     tau = s_h ln(i) (Scalable-Softmax, Nakanishi 2025), temperature_H holding s_h
   """
   c_1x1xH = temperature_H.astype(jnp.float32)[None, None, :]
@@ -45,6 +46,9 @@ def query_temperatures(schedule, positions_BxT, length, temperature_H, slope_H=N
     octave_K = jnp.arange(K, dtype=jnp.float32) * math.log(2.0)
     width_K = jnp.where(jnp.arange(K) < K - 1, math.log(2.0), jnp.inf)
     ramp_BxTxK = jnp.clip(jnp.log(i_BxTx1 / length) - octave_K, 0.0, width_K)
+    if octave_shape == 'step':  # 1 in the query's own octave (compared as numbers, exact at i = L 2^k).
+      octave_BxT = jnp.sum(i_BxTx1 > length * 2.0 ** jnp.arange(1, K, dtype=jnp.float32), axis=-1)
+      ramp_BxTxK = jax.nn.one_hot(octave_BxT, K, dtype=jnp.float32)
     beyond_BxTxH = c_1x1xH + jnp.einsum('btk,kh->bth', ramp_BxTxK, slope_KxH)
     return jnp.where(i_BxTx1 > length, beyond_BxTxH, 1.0)
   if schedule == 'ssmax':

@@ -168,7 +168,8 @@ def save(manager, state, data_iterator, cfg, base=None) -> None:
   saved = nnx.filter_state(model_state, Temperature) if _is_search(cfg) else model_state
   step = int(state['step'])
   meta = {'step': step, 'kind': 'search' if _is_search(cfg) else 'pretrain', 'model': model_shape(cfg), 'base': base,
-          'temperature_schedule': cfg.model.temperature_schedule, 'temperature_octaves': cfg.model.temperature_octaves}
+          'temperature_schedule': cfg.model.temperature_schedule, 'temperature_octaves': cfg.model.temperature_octaves,
+          'temperature_octave_shape': cfg.model.temperature_octave_shape}
   data_position = data_iterator.get_state()
   data_position['streams'] = _merged_over_processes(data_position['streams'])
   manager.save(step, args=ocp.args.Composite(
@@ -239,6 +240,11 @@ def restore_model(workdir, cfg, abstract_model_state, step=None):
   if meta.get('temperature_schedule') == 'log' == cfg.model.temperature_schedule and octaves != cfg.model.temperature_octaves:
     raise ConfigError(f'The checkpoint in {workdir} holds {octaves} log-schedule slope(s) per head but the config asks '
                       f'for {cfg.model.temperature_octaves}; set --config.model.temperature_octaves={octaves}.')
+  shape = meta.get('temperature_octave_shape', 'ramp')  # Older checkpoints: ramps.
+  if meta.get('temperature_schedule') == 'log' == cfg.model.temperature_schedule and octaves > 1 and (
+      shape != cfg.model.temperature_octave_shape):
+    raise ConfigError(f'The checkpoint in {workdir} holds {shape}-shaped octaves but the config asks for '
+                      f"{cfg.model.temperature_octave_shape!r}; set --config.model.temperature_octave_shape={shape}.")
   if meta['kind'] == 'search':
     base, base_step = meta['base']['workdir'], meta['base']['step']
     if base_step not in all_steps(base):

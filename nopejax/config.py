@@ -14,6 +14,7 @@ from nopejax.positions import POSITIONS, ROPE_SCALINGS
 DTYPES = ('float32', 'bfloat16')
 TRAINABLE = ('model', 'temperature', 'model+temperature')
 TEMPERATURE_SCHEDULES = ('constant', 'log', 'ssmax')
+OCTAVE_SHAPES = ('ramp', 'step')
 ATTENTION_IMPLS = ('auto', 'xla', 'chunked', 'splash', 'cudnn')
 REMAT = ('none', 'full', 'save_dots', 'save_dots_no_batch', 'save_qkv_proj')  # model.py: what each keeps.
 
@@ -153,6 +154,9 @@ def validate(cfg) -> None:
       m.temperature_octaves > 1 and m.temperature_schedule != 'log'):
     raise ConfigError(f'model.temperature_octaves={m.temperature_octaves!r} must be a positive integer, above 1 only '
                       "with model.temperature_schedule='log'; set it to 1, or pick the log schedule.")
+  if m.temperature_octave_shape not in OCTAVE_SHAPES:
+    raise ConfigError(f'model.temperature_octave_shape={m.temperature_octave_shape!r} is not one of {OCTAVE_SHAPES}; '
+                      'pick one of those.')
   if not isinstance(cfg.search.share_slopes, bool) or (cfg.search.share_slopes and m.temperature_schedule != 'log'):
     raise ConfigError(f'search.share_slopes={cfg.search.share_slopes!r} must be True or False, and True only with '
                       "model.temperature_schedule='log' (the slopes it shares); set it to False or pick the log schedule.")

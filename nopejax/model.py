@@ -64,6 +64,7 @@ class Attention(nnx.Module):
     # The schedule's parameters (attention.query_temperatures): c_h, with a_h for 'log'; s_h for 'ssmax',
     # starting where s_h ln(L) = model.temperature.
     self.schedule, self.schedule_length = m.temperature_schedule, config.temperature_length(cfg)
+    self.octave_shape = m.temperature_octave_shape
     start = m.temperature / math.log(self.schedule_length) if self.schedule == 'ssmax' else m.temperature
     self.temperature = Temperature(jnp.full((H,), start, jnp.float32), axes=('temperature',))
     if self.schedule == 'log':  # [H], or [K, H] for K octaves (model.temperature_octaves).
@@ -94,7 +95,7 @@ class Attention(nnx.Module):
                                              length or x_BxTxD.shape[1])
     slope_H = self.temperature_slope[...] if self.schedule == 'log' else None
     temperature_BxTxH = attention.query_temperatures(self.schedule, positions_BxT, self.schedule_length,
-                                                     self.temperature[...], slope_H)
+                                                     self.temperature[...], slope_H, self.octave_shape)
     q_BxTxHxDh = attention.scale_queries(q_BxTxHxDh, temperature_BxTxH)
     # Named so that model.remat='save_qkv_proj' keeps them for the backward pass.
     q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = (checkpoint_name(a, 'qkv_proj') for a in (q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh))

@@ -342,3 +342,13 @@ def test_log_schedule_with_octaves_is_a_ramp_linear_in_ln_i_within_each_octave()
   # One octave ([1, H]) is the log form itself, unclipped all the way out.
   np.testing.assert_allclose(attention.query_temperatures('log', positions_1xT, 16, c, a_KxH[:1]),
                              attention.query_temperatures('log', positions_1xT, 16, c, a_KxH[0]), rtol=1e-6)
+
+
+def test_log_schedule_with_step_octaves_holds_one_value_per_octave():
+  positions_1xT = jnp.arange(160)[None]  # i = 1 .. 160 with L = 16: octaves 17-32, 33-64, 65 onwards.
+  c, a_KxH = jnp.array([1.5, 0.8]), jnp.array([[0.3, -0.1], [0.5, 0.2], [-0.4, 0.7]])
+  step = np.asarray(attention.query_temperatures('log', positions_1xT, 16, c, a_KxH, 'step')[0])
+  octave_T = np.digitize(np.arange(1, 161), [16, 32, 64], right=True) - 1  # -1 within L; i = 32 is octave 0.
+  expected = np.where(octave_T[:, None] < 0, 1.0, np.asarray(c) + np.asarray(a_KxH)[octave_T.clip(0)])
+  np.testing.assert_allclose(step, expected, rtol=1e-6)
+  assert np.all(step[:16] == 1.0) and np.all(step[159] == step[64])  # The last octave goes on unchanged.

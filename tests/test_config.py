@@ -62,6 +62,7 @@ def test_base_config_is_valid_and_locked():
     ({'search__lengths': (64, 128)}, 'search.lengths=(64, 128) must be positive lengths up to data.seq_len=64'),
     ({'model__temperature_octaves': 3}, "model.temperature_octaves=3 must be a positive integer, above 1 only with"),
     ({'model__temperature_octaves': 0, 'model__temperature_schedule': 'log'}, 'model.temperature_octaves=0 must be'),
+    ({'model__temperature_octave_shape': 'spline'}, "model.temperature_octave_shape='spline' is not one of"),
     ({'search__share_slopes': True}, 'search.share_slopes=True must be True or False, and True only with'),
 ])
 def test_bad_values_name_the_key(changes, message):

@@ -253,7 +253,7 @@ def test_log_search_over_mixed_lengths_starts_from_a_constant_base(base_run, tfd
 
 def test_log_search_with_octave_slopes_shared_per_layer(base_run, tfds_dir, tmp_path):
   """A learned ramp (2 octaves) with search.share_slopes: each layer's slopes equal over its heads, per octave;
-  within L still the base; a config with another number of octaves is refused with the fix."""
+  within L still the base; a config with another number or shape of octaves is refused with the fix."""
   cfg = search_config(tfds_dir, base_run)
   cfg.train.steps, cfg.train.warmup_steps, cfg.train.eval_every, cfg.train.checkpoint_every = 4, 1, 0, 4
   cfg.model.temperature_schedule, cfg.model.temperature_length = 'log', PRETRAIN_LENGTH
@@ -270,6 +270,10 @@ def test_log_search_with_octave_slopes_shared_per_layer(base_run, tfds_dir, tmp_
   cfg.model.temperature_octaves = 1
   with pytest.raises(ConfigError, match='holds 2 log-schedule slope.s. per head but the config asks for 1; set '
                                         '--config.model.temperature_octaves=2'):
+    checkpoint.restore_model(str(tmp_path), cfg, None)
+  cfg.model.temperature_octaves, cfg.model.temperature_octave_shape = 2, 'step'  # Same arrays, another meaning.
+  with pytest.raises(ConfigError, match="holds ramp-shaped octaves but the config asks for 'step'; set "
+                                        '--config.model.temperature_octave_shape=ramp'):
     checkpoint.restore_model(str(tmp_path), cfg, None)
 
 
