@@ -79,6 +79,10 @@ FORMS = (
      'as ramp200, with search.lengths=(256,1024,1024,1024)'),
     ('log, a slope per octave, searched over 8L-16L, 200 steps', 'ramp8x16200',
      'as ramp200, with search.lengths=(512,1024): 4L-8L the largest weight'),
+    ('log, a value per octave (steps), searched over 2L-16L with 16L twice, 200 steps', 'stepeq200',
+     'as rampeq200, with model.temperature_octave_shape=step: tau = c_h + a_h,k throughout octave k'),
+    ('log, a value per octave (steps), searched at 16L only, 200 steps', 'step16x200',
+     'as ramp16x200, with model.temperature_octave_shape=step'),
     ('log, a slope per octave, from the best uniform c past L, searched over 2L-16L with 8L twice, 200 steps',
      'rampauto200', 'as ramp8w200, with search.init=auto over (1.0,1.2,1.4,1.6,1.8): c_h starts where the '
      'constant search starts'),
