@@ -81,6 +81,8 @@ FORMS = (
      'as ramp200, with search.lengths=(512,1024): 4L-8L the largest weight'),
     ('log, a value per octave (steps), searched over 2L-16L with 16L twice, 200 steps', 'stepeq200',
      'as rampeq200, with model.temperature_octave_shape=step: tau = c_h + a_h,k throughout octave k'),
+    ('log, a value per octave (steps), searched over 2L-16L with 8L twice, 200 steps', 'step8w200',
+     'as ramp8w200, with model.temperature_octave_shape=step'),
     ('log, a value per octave (steps), searched at 16L only, 200 steps', 'step16x200',
      'as ramp16x200, with model.temperature_octave_shape=step'),
     ('log, a slope per octave, from the best uniform c past L, searched over 2L-16L with 8L twice, 200 steps',
