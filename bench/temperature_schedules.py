@@ -10,7 +10,8 @@ next-byte loss is averaged in bands 0-L, L-2L, 2L-4L, 4L-8L and 8L-16L
 (evaluate.entropy.position_stats, as `python -m nopejax.evaluate` reports it). Prints a markdown
 table of mean and sample standard deviation over seeds, then one of how many seeds beat the
 constant search at 16L (same seed) in each band past L, and writes every run's bands to --out (and
-each beside its run, read back the next time instead of computed again).
+each beside its run, read back the next time instead of computed again). --taus adds where each searched form
+sharpens: its mean temperature by layer and octave past L.
 """
 import argparse
 import json
@@ -29,7 +30,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import nopejax  # noqa: E402
-from nopejax import checkpoint, data  # noqa: E402
+from nopejax import attention, checkpoint, data  # noqa: E402
 from nopejax.evaluate import entropy, workdir as evaluate_workdir  # noqa: E402
 from nopejax.model import Transformer  # noqa: E402
 
@@ -88,8 +89,6 @@ FORMS = (
     ('log, a slope per octave, from the best uniform c past L, searched over 2L-16L with 8L twice, 200 steps',
      'rampauto200', 'as ramp8w200, with search.init=auto over (1.0,1.2,1.4,1.6,1.8): c_h starts where the '
      'constant search starts'),
-    ('constant searched at 16L a second time, 200 steps', 'cs16x200r',
-     'cs16x200 repeated (same seed, config and base): how far two runs of one search land apart here'),
     ('learned constant', 'lt_const', 'pretrained with trainable c_h (configs/tiny_learned_temperature.py)'),
     ('learned log (L=16)', 'lt_log', 'pretrained with trainable c_h, a_h beyond 16'),
     ('learned ssmax', 'lt_ssmax', 'pretrained with trainable s_h, tau = s_h ln i'),
@@ -136,6 +135,20 @@ def models_of(form, workdir, pretrain_length):
   return model
 
 
+def taus_by_octave(model, pretrain_length, octaves=4):
+  """tau_LxO: each layer's query temperature at the geometric middle of each octave past L (i = L 2^(k + 1/2)),
+  the mean over its heads."""
+  positions_1xO = jnp.array([[round(pretrain_length * 2 ** (k + 0.5)) - 1 for k in range(octaves)]])
+  rows = []
+  for block in model.blocks:
+    a = block.attention
+    slope = a.temperature_slope[...] if a.schedule == 'log' else None
+    tau_1xOxH = attention.query_temperatures(a.schedule, positions_1xO, a.schedule_length, a.temperature[...],
+                                             slope, a.octave_shape)
+    rows.append(np.broadcast_to(np.asarray(tau_1xOxH), (1, octaves, a.num_heads))[0].mean(axis=-1))
+  return np.stack(rows)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--root', default='/work/runs/issue13')
@@ -144,6 +157,8 @@ def main():
   parser.add_argument('--pretrain_length', type=int, default=64)
   parser.add_argument('--documents', type=int, default=64)
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+  parser.add_argument('--taus', action='store_true', help='also print each searched form\'s temperature per layer '
+                      'and octave past L, the mean over heads and seeds')
   args = parser.parse_args()
   root = pathlib.Path(args.root)
   documents = None
@@ -200,6 +215,16 @@ def main():
       se_B = diff_SxB.std(axis=0, ddof=1) / math.sqrt(len(seeds))
       print(f'| {form} | {len(seeds)} | ' + ' | '.join(f'{m:+.3f} ± {e:.3f}' for m, e in zip(diff_SxB.mean(axis=0), se_B))
             + ' |')
+  if args.taus:  # Where each form sharpens: the mean tau by layer (rows) and octave past L (columns).
+    octaves = [f'{args.pretrain_length * 2 ** k}-{args.pretrain_length * 2 ** (k + 1)}' for k in range(4)]
+    print('\nMean query temperature over heads and seeds at the middle of each octave past L, layer by layer:\n')
+    print('| form | layer | ' + ' | '.join(octaves) + ' |\n|---|---|' + '---|' * len(octaves))
+    for form, prefix, _ in FORMS:
+      if form in runs and prefix != 'base':
+        tau_SxLxO = np.stack([taus_by_octave(models_of(form, root / f'{prefix}_s{seed}', args.pretrain_length),
+                                             args.pretrain_length) for seed in sorted(runs[form])])
+        for layer, tau_O in enumerate(tau_SxLxO.mean(axis=0)):
+          print(f'| {form} | {layer} | ' + ' | '.join(f'{t:.2f}' for t in tau_O) + ' |')
 
 
 if __name__ == '__main__':
