@@ -89,6 +89,15 @@ FORMS = (
     ('log, a slope per octave, from the best uniform c past L, searched over 2L-16L with 8L twice, 200 steps',
      'rampauto200', 'as ramp8w200, with search.init=auto over (1.0,1.2,1.4,1.6,1.8): c_h starts where the '
      'constant search starts'),
+    ('log, a slope per octave, searched over 2L-16L with 8L four times and 16L twice, 200 steps', 'ramp1142w200',
+     'as ramp8w200, with search.lengths=(128,256,512,512,512,512,1024,1024): the weighting a linear fit of the '
+     'fifth round\'s band differences ranks first'),
+    ('log, a slope per octave, searched over 2L-16L with 8L and 16L three times, 200 steps', 'ramp1133w200',
+     'as ramp8w200, with search.lengths=(128,256,512,512,512,1024,1024,1024): the fit\'s second'),
+    ('log, a slope per octave, searched over 2L-16L with 8L and 16L four times, 200 steps', 'ramp1144w200',
+     'as ramp8w200, with search.lengths=(128,256,512 x4,1024 x4): the refit\'s first, with the two above added'),
+    ('log, a slope per octave, searched over 2L-16L with 8L five times and 16L three times, 200 steps', 'ramp1153w200',
+     'as ramp8w200, with search.lengths=(128,256,512 x5,1024 x3): the refit\'s third'),
     ('learned constant', 'lt_const', 'pretrained with trainable c_h (configs/tiny_learned_temperature.py)'),
     ('learned log (L=16)', 'lt_log', 'pretrained with trainable c_h, a_h beyond 16'),
     ('learned ssmax', 'lt_ssmax', 'pretrained with trainable s_h, tau = s_h ln i'),
