@@ -11,9 +11,11 @@ next-byte loss is averaged in bands 0-L, L-2L, 2L-4L, 4L-8L and 8L-16L
 table of mean and sample standard deviation over seeds, then one of how many seeds beat the
 constant search at 16L (same seed) in each band past L, and writes every run's bands to --out (and
 each beside its run, read back the next time instead of computed again). --taus adds where each searched form
-sharpens: its mean temperature by layer and octave past L.
+sharpens: its mean temperature by layer and octave past L. --fit fits the ramp searches' paired
+differences as linear in their target lengths' shares and ranks the weightings it predicts best.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -158,6 +160,42 @@ def taus_by_octave(model, pretrain_length, octaves=4):
   return np.stack(rows)
 
 
+def fit_length_weights(paired, root, seed, bands, pretrain_length, most=10, shown=5):
+  """Fits each band's mean paired difference (form minus constant search) as linear in the share of
+  each target length in the ramp searches' search.lengths (ramp octaves, c_h from search.init, the
+  constant search's steps), then prints the fit and the weightings of at most `most` lengths with the
+  lowest predicted worst band: where to search next for one that is ahead in every band."""
+  targets = [pretrain_length * 2 ** k for k in range(1, len(bands) + 1)]
+  shares, diffs = [], []
+  for form, prefix, _ in FORMS:
+    config_path = root / f'{prefix}_s{seed}' / 'config.json'
+    if form not in paired or not config_path.exists():
+      continue
+    cfg = json.loads(config_path.read_text())
+    lengths = cfg['search']['lengths']
+    if (cfg['model']['temperature_octaves'] != len(bands) or cfg['model']['temperature_octave_shape'] != 'ramp'
+        or cfg['search']['init'] == 'auto' or cfg['search']['init_from'] or not set(lengths) <= set(targets)):
+      continue
+    shares.append([lengths.count(n) / len(lengths) for n in targets])
+    diffs.append(paired[form])
+    print(f'fit row: {form}: lengths {tuple(lengths)}, difference {np.round(paired[form], 3).tolist()}')
+  if len(shares) <= len(targets):
+    print(f'\n--fit needs more than {len(targets)} ramp weightings with paired differences; found {len(shares)}.')
+    return
+  coef_NxB, *_ = np.linalg.lstsq(np.array(shares), np.array(diffs), rcond=None)
+  residual = np.abs(np.array(shares) @ coef_NxB - np.array(diffs)).max()
+  print(f'\nLinear fit over {len(shares)} weightings (largest residual {residual:.3f}); predicted difference by '
+        f'band for the weightings of up to {most} lengths {tuple(targets)} with the lowest worst band:\n')
+  print('| counts of ' + ', '.join(map(str, targets)) + ' | ' + ' | '.join(bands) + ' |\n|---|' + '---|' * len(bands))
+  ranked = []
+  for counts in itertools.product(range(most + 1), repeat=len(targets)):
+    if 0 < sum(counts) <= most and math.gcd(*counts) == 1:
+      predicted_B = (np.array(counts) / sum(counts)) @ coef_NxB
+      ranked.append((predicted_B.max(), counts, predicted_B))
+  for _, counts, predicted_B in sorted(ranked, key=lambda row: row[0])[:shown]:
+    print(f'| {counts} | ' + ' | '.join(f'{d:+.3f}' for d in predicted_B) + ' |')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--root', default='/work/runs/issue13')
@@ -168,6 +206,8 @@ def main():
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   parser.add_argument('--taus', action='store_true', help='also print each searched form\'s temperature per layer '
                       'and octave past L, the mean over heads and seeds')
+  parser.add_argument('--fit', action='store_true', help='also fit the ramp searches\' band differences as linear in '
+                      'their search.lengths shares and rank the weightings it predicts best')
   args = parser.parse_args()
   root = pathlib.Path(args.root)
   documents = None
@@ -216,14 +256,18 @@ def main():
   print(f'\nLoss minus that of {CONSTANT!r} (same seed, same steps), mean ± standard error over the seeds '
         '(negative: the form is ahead):\n')
   print('| form | seeds | ' + ' | '.join(bands[1:]) + ' |\n|---|---|' + '---|' * (len(bands) - 1))
+  paired = {}
   for form, by_seed in runs.items():
     constant = runs.get(comparator(form), {})
     seeds = [s for s in sorted(by_seed) if s in constant]
     if form not in (CONSTANT, comparator(form)) and len(seeds) > 1:
       diff_SxB = np.array([[by_seed[s][b] - constant[s][b] for b in bands[1:]] for s in seeds])
+      paired[form] = diff_SxB.mean(axis=0)
       se_B = diff_SxB.std(axis=0, ddof=1) / math.sqrt(len(seeds))
       print(f'| {form} | {len(seeds)} | ' + ' | '.join(f'{m:+.3f} ± {e:.3f}' for m, e in zip(diff_SxB.mean(axis=0), se_B))
             + ' |')
+  if args.fit:
+    fit_length_weights(paired, root, args.seeds[0], bands[1:], args.pretrain_length)
   if args.taus:  # Where each form sharpens: the mean tau by layer (rows) and octave past L (columns).
     octaves = [f'{args.pretrain_length * 2 ** k}-{args.pretrain_length * 2 ** (k + 1)}' for k in range(4)]
     print('\nMean query temperature over heads and seeds at the middle of each octave past L, layer by layer:\n')
