@@ -1,20 +1,15 @@
-"""Input pipeline: tokenizers, the two tfds corpora, and packed grain streams for training and eval.
-
-Corpora are tfds builders written as array_record and read without tensorflow through
+"""Corpora as tfds builders, written as array_record and read without tensorflow through
 `builder.as_data_source()`:
 
-  pystdlib  every .py file of the running interpreter's standard library (bundled, ~31 MB).
+  pystdlib  every .py file of the running interpreter's standard library (bundled).
   textdir   a directory of .txt files and/or .jsonl files (local copies of PG19, proof-pile, ...).
 
 Documents go to train/validation/test by the md5 of their name, so adding files never moves
-existing documents between splits. The training stream shuffles documents, tokenizes them and
-packs them concat-then-split into windows of `data.seq_len + 1` tokens, one stream per global batch
-row. Its position (TrainBatches.get_state, JSON naming each row) goes into the model's checkpoint,
-so a resumed run, with any number of processes, sees exactly the batches an uninterrupted run would.
-Paths (data.text_dir, data.tfds_dir, data.tokenizer) may be gs:// URLs.
+existing documents between splits. A prepared textdir copy records the files it was prepared
+from and refuses to serve a directory changed since. Paths (data.text_dir, data.tfds_dir) may
+be gs:// URLs.
 """
 import dataclasses
-import functools
 import hashlib
 import importlib.util
 import itertools
@@ -27,12 +22,7 @@ import sysconfig
 import tempfile
 import types
 
-from absl import flags
-from absl import logging
 from etils import epath
-import grain
-import jax
-import numpy as np
 import tensorflow_datasets as tfds
 
 from nopejax import config, paths
@@ -45,81 +35,6 @@ _TEXT_SUFFIXES = ('.txt', '.jsonl')
 # tfds example keys (see _example_key): 2**(128 - 88) = 2**40 characters per split at most.
 _KEY_SHIFT = 88
 _MAX_SPLIT_CHARS = 1 << (128 - _KEY_SHIFT)
-# Bounded read-ahead: with book-length documents (PG19) the default 500 prefetched documents
-# would hold gigabytes of tokens.
-_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
-# Training reads one stream per batch row: one thread and a short read-ahead each.
-_ROW_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizers.
-
-
-class ByteTokenizer:
-  """UTF-8 bytes as tokens: vocabulary 256, no BOS."""
-
-  vocab_size = 256
-  bos_id = None
-
-  def encode(self, text: str) -> np.ndarray:
-    return np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
-
-  def decode(self, ids) -> str:
-    ids = np.asarray(ids).reshape(-1)
-    # A model with a larger vocabulary can sample ids that are not bytes; they are dropped.
-    ids = ids[(ids >= 0) & (ids < 256)]
-    return ids.astype(np.uint8).tobytes().decode('utf-8', errors='replace')
-
-
-class SentencePieceTokenizer:
-  """A SentencePiece `.model` file (a path or URL); pickles as its path so grain workers can rebuild it."""
-
-  def __init__(self, model_path: str):
-    import sentencepiece  # Imported here: byte-level runs never need it.
-    self.model_path = model_path
-    self._processor = sentencepiece.SentencePieceProcessor(model_proto=epath.Path(model_path).read_bytes())
-    self.vocab_size = self._processor.vocab_size()
-    bos_id = self._processor.bos_id()
-    self.bos_id = bos_id if bos_id >= 0 else None
-
-  def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self._processor.encode(text), dtype=np.int32)
-
-  def decode(self, ids) -> str:
-    return self._processor.decode([int(i) for i in np.asarray(ids).reshape(-1)])
-
-  def __getstate__(self):
-    return {'model_path': self.model_path}
-
-  def __setstate__(self, state):
-    self.__init__(state['model_path'])
-
-
-def make_tokenizer(cfg):
-  """The tokenizer `data.tokenizer` names, checked against `model.vocab_size`."""
-  if cfg.data.tokenizer == 'byte':
-    tokenizer = ByteTokenizer()
-  else:
-    if not epath.Path(cfg.data.tokenizer).is_file():
-      raise config.ConfigError(
-          f"data.tokenizer={cfg.data.tokenizer!r} is neither 'byte' nor an existing file; set it to"
-          " 'byte' or to the path of a SentencePiece .model file.")
-    try:
-      tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
-    except (RuntimeError, OSError) as e:  # sentencepiece's parse error.
-      raise config.ConfigError(
-          f'data.tokenizer={cfg.data.tokenizer!r} is not a SentencePiece model ({" ".join(str(e).split())[:120]});'
-          " set it to a SentencePiece .model file (a Hugging Face tokenizer.json is not one) or to 'byte'.") from None
-  if tokenizer.vocab_size > cfg.model.vocab_size:
-    raise config.ConfigError(
-        f'model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer vocabulary'
-        f' ({tokenizer.vocab_size}); set model.vocab_size to at least {tokenizer.vocab_size}.')
-  return tokenizer
-
-
-# ---------------------------------------------------------------------------------------------
-# Corpora as tfds builders.
 
 
 def _split_of(name: str) -> str:
@@ -443,215 +358,3 @@ def load_split(cfg, split: str):
         f'data.text_dir={cfg.data.text_dir!r} has no documents in the {split!r} split; add'
         f' documents (or a {split}/ subdirectory) there, or evaluate on another split.')
   return builder.as_data_source(split=split)
-
-
-# ---------------------------------------------------------------------------------------------
-# Grain streams.
-
-
-def encode_document(tokenizer, text: str) -> np.ndarray:
-  """A document's int32 token ids, BOS first when the tokenizer has one."""
-  ids = tokenizer.encode(text)
-  if tokenizer.bos_id is not None:
-    ids = np.concatenate([np.asarray([tokenizer.bos_id], np.int32), ids])
-  return np.asarray(ids, np.int32)
-
-
-def _tokenize(example, tokenizer) -> np.ndarray:
-  text = example['text']
-  return encode_document(tokenizer, text.decode('utf-8') if isinstance(text, bytes) else text)
-
-
-def _as_tokens_feature(example, tokenizer) -> dict:
-  return {'tokens': _tokenize(example, tokenizer)}
-
-
-def _window_to_example(window: dict, separate_documents: bool) -> dict:
-  """One packed window of seq_len + 1 tokens -> the model's inputs, targets and masks.
-
-  Segment id 0 marks padding (only the last eval window has any). A document continued from the
-  previous window restarts its positions at 0 here: it cannot see its beginning anyway.
-  """
-  tokens = window['tokens']
-  segment_ids = window['tokens_segment_ids']
-  is_target = segment_ids[1:] != 0
-  if separate_documents:
-    # Predicting the next document's first token from the previous document is meaningless.
-    loss_mask = is_target & (segment_ids[1:] == segment_ids[:-1])
-    input_segment_ids = segment_ids[:-1]
-    positions = window['tokens_positions'][:-1]
-  else:
-    loss_mask = is_target
-    input_segment_ids = (segment_ids[:-1] != 0).astype(np.int32)
-    positions = np.arange(len(tokens) - 1, dtype=np.int32)
-  return {
-      'inputs': tokens[:-1].astype(np.int32),
-      'targets': tokens[1:].astype(np.int32),
-      'segment_ids': input_segment_ids.astype(np.int32),
-      'positions': positions.astype(np.int32),
-      'loss_mask': loss_mask.astype(np.float32),
-  }
-
-
-class _SlicesAsTuplesIterator(grain.DatasetIterator):
-  """Passes a ConcatThenSplit iterator through, repairing its state after a JSON round trip.
-
-  grain 0.2.18 marks "no remainder" with the tuple (-1, -1) and compares with !=, so the list
-  [-1, -1] that JSON gives back reads as a remainder and the restored stream silently differs
-  (a fresh iterator's checkpoint, for one).
-  """
-
-  def __next__(self):
-    return next(self._parent)
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    slices = {key: tuple(value) for key, value in state['remainder_slices'].items()}
-    self._parent.set_state(dict(state, remainder_slices=slices))
-
-
-class _SlicesAsTuples(grain.IterDataset):
-
-  def __iter__(self):
-    return _SlicesAsTuplesIterator(iter(self._parent))
-
-
-def _packed_windows(documents: grain.MapDataset, cfg, tokenizer, read_options) -> grain.IterDataset:
-  """Tokenized documents -> concat-then-split windows of seq_len + 1 -> model examples."""
-  tokens = documents.map(functools.partial(_as_tokens_feature, tokenizer=tokenizer))
-  windows = _SlicesAsTuples(grain.experimental.ConcatThenSplitIterDataset(
-      tokens.to_iter_dataset(read_options), length_struct={'tokens': cfg.data.seq_len + 1}))
-  return windows.map(functools.partial(_window_to_example, separate_documents=cfg.data.separate_documents))
-
-
-def _stack_rows(rows) -> dict:
-  return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-
-
-def _row_streams(cfg, documents: grain.MapDataset, rows, start: int) -> grain.IterDataset:
-  """Batches of the given global rows: row r packs documents start + r, start + r + B, ... (B the
-  global batch size), so a batch holds windows of B different documents (one packed stream cut
-  into rows would fill a batch with consecutive windows of one long file, and train far worse),
-  and which documents a row reads does not depend on how rows are spread over processes."""
-  tokenizer = make_tokenizer(cfg)
-  batch_size = cfg.train.batch_size
-  streams = [_packed_windows(documents[start + row::batch_size], cfg, tokenizer, _ROW_READ_OPTIONS) for row in rows]
-  return grain.experimental.ZipIterDataset(streams).map(_stack_rows)
-
-
-class TrainBatches:
-  """Endless local batches of the training stream for the global batch rows `rows`.
-
-  Its position (get_state / set_state, JSON) names each global row, so a run saved with one
-  process layout or mesh resumes exactly with another: every process restores the rows it feeds.
-  A run resumed with another train.batch_size cannot continue each row; the stream restarts at
-  the first document some row may not have finished, skipping none and re-reading at most
-  sum over rows of (row's saved next_index - the smallest + 2) documents (grain's saved index
-  lags the document being read by up to one; the count is logged at resume). With data.worker_count > 0 grain's worker state is opaque, so a resume
-  needs the same rows on each process.
-  """
-
-  def __init__(self, cfg, rows, start: int = 0):
-    self.cfg, self.rows, self.batch_size = cfg, list(rows), cfg.train.batch_size
-    # Shuffle before repeat: the repeated index reaches the shuffle, which reseeds every epoch.
-    self.documents = grain.MapDataset.source(load_split(cfg, cfg.data.train_split)).shuffle(
-        seed=cfg.data.shuffle_seed).repeat()
-    self._start_at(start)
-
-  def _start_at(self, start: int) -> None:
-    self.start = start
-    batches = _row_streams(self.cfg, self.documents, self.rows, start)
-    if self.cfg.data.worker_count > 0:
-      if not flags.FLAGS.is_parsed():
-        # grain reads its absl flags in the workers; outside an absl app use their defaults.
-        flags.FLAGS.mark_as_parsed()
-      batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.data.worker_count))
-    self.iterator = iter(batches)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    return next(self.iterator)
-
-  def _workers_key(self) -> str:
-    return 'workers:' + ','.join(map(str, self.rows))
-
-  def get_state(self) -> dict:
-    """{'batch_size', 'start', 'streams': {row: state}}; merged over processes it is the whole position."""
-    state = self.iterator.get_state()
-    if self.cfg.data.worker_count > 0:
-      streams = {self._workers_key(): state}
-    else:
-      streams = {str(row): row_state for row, row_state in zip(self.rows, state['parents'])}
-    return {'batch_size': self.batch_size, 'start': self.start, 'streams': streams}
-
-  def set_state(self, state: dict) -> None:
-    if state['batch_size'] != self.batch_size:
-      return self._restart_for_new_batch_size(state)
-    if state['start'] != self.start:
-      self._start_at(state['start'])
-    streams = state['streams']
-    if self.cfg.data.worker_count > 0:
-      if self._workers_key() not in streams:
-        raise config.ConfigError(
-            'The saved data position was written with data.worker_count > 0 by another process layout; '
-            'resume with the same processes and mesh as before, or set data.worker_count=0 for a new run.')
-      self.iterator.set_state(streams[self._workers_key()])
-    else:
-      missing = [row for row in self.rows if str(row) not in streams]
-      if missing:
-        raise config.ConfigError(
-            f'The saved data position has no state for batch row {missing[0]} (it was saved with '
-            'data.worker_count > 0); resume with the same processes and mesh as before.')
-      self.iterator.set_state({'parents': [streams[str(row)] for row in self.rows]})
-
-  def _restart_for_new_batch_size(self, state: dict) -> None:
-    old = state['batch_size']
-    try:
-      current = [state['streams'][str(row)]['parent_state']['next_index'] for row in range(old)]
-    except KeyError:
-      raise config.ConfigError(
-          f'The checkpoint was trained with train.batch_size={old} and data.worker_count > 0, so its data '
-          f'position cannot move to batch size {self.batch_size}; set --config.train.batch_size={old}.') from None
-    first = min(current)
-    # Row r's i-th document is document start + r + i * old; every row has finished those before `first`.
-    self._start_at(state['start'] + first * old)
-    repeated = sum(c - first + 2 for c in current)
-    logging.warning('train.batch_size changed from %d to %d: the data stream restarts at document %d, '
-                    're-reading at most %d documents already (partly) seen and skipping none.',
-                    old, self.batch_size, self.start, repeated)
-
-
-def train_iterator(cfg, rows=None) -> TrainBatches:
-  """Endless, shuffled, packed batches of `data.train_split` for the global batch `rows` this
-  process feeds (default all: sharding.process_rows gives them), numpy dicts (see
-  `_window_to_example`) with one row per entry of `rows`. Each process reads only the documents
-  of its rows: 1/processes of the corpus per epoch, never the same document as another process
-  within an epoch. Has get_state()/set_state() for checkpoints."""
-  return TrainBatches(cfg, range(cfg.train.batch_size) if rows is None else rows)
-
-
-def eval_iterator(cfg, split: str, num_batches: int, rows=None):
-  """`num_batches` packed batches of `split` for the global batch `rows` (default all), without
-  shuffling, the same every call. Row r reads documents r, r + B, ... in file order, like
-  training's row streams. The documents repeat if the split runs out before num_batches."""
-  rows = range(cfg.train.batch_size) if rows is None else rows
-  documents = grain.MapDataset.source(load_split(cfg, split)).repeat()
-  return iter(grain.experimental.LimitIterDataset(_row_streams(cfg, documents, rows, 0), count=num_batches))
-
-
-def documents(cfg, split: str) -> grain.MapDataset:
-  """Whole tokenized documents of `split` (int32, BOS first if any) in file order, random access."""
-  tokenizer = make_tokenizer(cfg)
-  source = load_split(cfg, split)
-  return grain.MapDataset.source(source).map(functools.partial(_tokenize, tokenizer=tokenizer))
-
-
-def global_batch(local_batch: dict, sharding: jax.sharding.Sharding, batch_size: int) -> dict:
-  """Local numpy batch (this process's rows, sharding.process_rows) -> global jax arrays of
-  `batch_size` rows."""
-  return {key: jax.make_array_from_process_local_data(sharding, value, (batch_size,) + value.shape[1:])
-          for key, value in local_batch.items()}
