@@ -1,12 +1,13 @@
-"""What each of issue 14's changes bought: nopejax's train step on this CPU with the changes applied
+"""What each CPU change buys: nopejax's train step on this CPU with the changes applied
 one after another, at vs_torch.py's two shapes, on 1 device and on 8 simulated devices.
 
   .venv/bin/python bench/cpu_changes.py [--steps 10] [--rows 4,5,6]
 
 Each row adds one change to the row above; the first undoes them all in-process (the projections as
 3-D contractions, YNNPACK on every mesh, the optimizer state replicated, attention by xla, glibc's
-default malloc), so every row runs the same commit. The third row turns YNNPACK off on 1 device too
-(by XLA_FLAGS), as the code did until the last row. One process per measurement, as vs_torch.py does.
+default malloc), so every row runs the same code. Rows 2 to 5 turn YNNPACK off on 1 device too (by
+XLA_FLAGS); the last row gives it back (the code keeps it off on several devices only). One process per
+measurement, as vs_torch.py does. Figures: docs/benchmarks.md.
 """
 import argparse
 import json

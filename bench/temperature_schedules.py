@@ -1,6 +1,6 @@
-"""Loss by position band of every temperature form of issue 13, over seeds: the tiny model (L = 64).
+"""Loss by position band of every temperature form, over seeds: the tiny model (L = 64).
 
-  .venv/bin/python bench/temperature_schedules.py --root /work/runs/issue13 --out /work/runs/issue13/bands.json
+  .venv/bin/python bench/temperature_schedules.py --root runs/temperatures --out runs/temperatures/bands.json
 
 Reads the workdirs ROOT/<form>_s<seed> that hold a finished run (see `FORMS`) and, for each base
 model, also scores zero-shot forms that need no training (a uniform c = 1.5; log-n scaling, the
@@ -13,6 +13,7 @@ constant search at 16L (same seed) in each band past L, and writes every run's b
 each beside its run, read back the next time instead of computed again). --taus adds where each searched form
 sharpens: its mean temperature by layer and octave past L. --fit fits the ramp searches' paired
 differences as linear in their target lengths' shares and ranks the weightings it predicts best.
+The commands that make the runs, and the figures: docs/benchmarks.md.
 """
 import argparse
 import itertools
@@ -92,8 +93,8 @@ FORMS = (
      'rampauto200', 'as ramp8w200, with search.init=auto over (1.0,1.2,1.4,1.6,1.8): c_h starts where the '
      'constant search starts'),
     ('log, a slope per octave, searched over 2L-16L with 8L four times and 16L twice, 200 steps', 'ramp1142w200',
-     'as ramp8w200, with search.lengths=(128,256,512,512,512,512,1024,1024): the weighting a linear fit of the '
-     'fifth round\'s band differences ranks first'),
+     'as ramp8w200, with search.lengths=(128,256,512,512,512,512,1024,1024): the weighting --fit ranks first '
+     'over the ramp weightings above'),
     ('log, a slope per octave, searched over 2L-16L with 8L and 16L three times, 200 steps', 'ramp1133w200',
      'as ramp8w200, with search.lengths=(128,256,512,512,512,1024,1024,1024): the fit\'s second'),
     ('log, a slope per octave, searched over 2L-16L with 8L and 16L four times, 200 steps', 'ramp1144w200',
@@ -198,7 +199,7 @@ def fit_length_weights(paired, root, seed, bands, pretrain_length, most=10, show
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--root', default='/work/runs/issue13')
+  parser.add_argument('--root', default='runs/temperatures')
   parser.add_argument('--out', default='')
   parser.add_argument('--length', type=int, default=16 * 64)
   parser.add_argument('--pretrain_length', type=int, default=64)

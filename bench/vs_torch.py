@@ -27,7 +27,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# (layers, width, heads, tokens, batch): the shapes the issue measured.
+# (layers, width, heads, tokens, batch): a small and a wider shape.
 SHAPES = ((4, 256, 4, 256, 8), (4, 512, 8, 512, 4))
 VOCAB = 256
 
