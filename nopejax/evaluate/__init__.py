@@ -1,5 +1,5 @@
 """Length generalization of a trained run: perplexity by length, loss by position, attention
-entropy, passkey retrieval; results.json, PNG plots and report.md (protocol and schema: docs/evaluate.md).
+entropy, passkey retrieval; results.json, PNG plots and report.md (protocol and schema: docs/evaluation.md).
 
   python -m nopejax.evaluate --workdir runs/tiny                                  # -> runs/tiny/eval/
   python -m nopejax.evaluate --workdir runs/tiny --config.model.temperature=1.5   # -> runs/tiny/eval_c1.5/
