@@ -1,4 +1,4 @@
-"""Checkpoints with orbax: save and resume train states, restore onto any mesh, load a workdir's model.
+"""Checkpoints with orbax: save and resume train states, restore onto any mesh, pin a search's base step.
 
 A checkpoint step holds four items:
   model  the model's arrays as a nested dict: all of them for a pretrain run, only the
@@ -13,13 +13,7 @@ model and meta: training resumed from it starts a fresh optimizer and data strea
 import hashlib
 import json
 import logging as logging_std
-import os
-import signal
-import socket
 import sys
-import threading
-import time
-import uuid
 
 import jax
 import numpy as np
@@ -31,10 +25,10 @@ from jax.experimental import multihost_utils
 
 from nopejax import config, optim, paths, step as step_lib
 from nopejax.config import ConfigError
-from nopejax.model import Temperature, TemperatureSlope, Transformer, set_temperatures
+from nopejax.model import Temperature, TemperatureSlope
 
 SHAPE_KEYS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim')
-# Keys that change what the same arrays compute; checkpoints older than a key had its default.
+# Keys that change what the same arrays compute; a checkpoint's meta that lacks one had its default.
 ARCHITECTURE_DEFAULTS = {'position': 'nope', 'rope_theta': 10000.0, 'tie_embeddings': False}
 
 
@@ -236,11 +230,11 @@ def restore_model(workdir, cfg, abstract_model_state, step=None):
     raise ConfigError(f'{workdir} holds no checkpoint; train there first or point to a directory that has one.')
   meta = read_meta(workdir, step)
   check_shape(meta, cfg, f'The checkpoint in {workdir}')
-  octaves = meta.get('temperature_octaves', 1)  # Older checkpoints: one slope per head.
+  octaves = meta.get('temperature_octaves', 1)  # A meta without the key: one slope per head.
   if meta.get('temperature_schedule') == 'log' == cfg.model.temperature_schedule and octaves != cfg.model.temperature_octaves:
     raise ConfigError(f'The checkpoint in {workdir} holds {octaves} log-schedule slope(s) per head but the config asks '
                       f'for {cfg.model.temperature_octaves}; set --config.model.temperature_octaves={octaves}.')
-  shape = meta.get('temperature_octave_shape', 'ramp')  # Older checkpoints: ramps.
+  shape = meta.get('temperature_octave_shape', 'ramp')  # A meta without the key: ramps.
   if meta.get('temperature_schedule') == 'log' == cfg.model.temperature_schedule and octaves > 1 and (
       shape != cfg.model.temperature_octave_shape):
     raise ConfigError(f'The checkpoint in {workdir} holds {shape}-shaped octaves but the config asks for '
@@ -326,147 +320,3 @@ def _set_aside(workdir, step) -> epath.Path:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'nopejax set aside {step}')
   return target
-
-
-def load(workdir, temperature=None):
-  """(model, config) of the latest checkpoint in any workdir nopejax writes, on the default device.
-
-  `temperature` replaces every head's temperature by that uniform value (a zero-shot c).
-  """
-  config_path = paths.resolve(workdir) / 'config.json'
-  if not config_path.exists():
-    raise ConfigError(f'{workdir} has no config.json, so it is not a nopejax workdir; pass the --workdir of a run.')
-  cfg = config.load_json(config_path)
-  abstract_model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
-  graphdef, abstract_model_state = nnx.split(abstract_model)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract_model_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_model_state)
-  model_state = restore_model(workdir, cfg, abstract_model_state)
-  if temperature is not None:
-    model_state = set_temperatures(model_state, temperature)
-    cfg.model.temperature = temperature
-  return nnx.merge(graphdef, model_state), cfg
-
-
-class StopSignals:
-  """SIGTERM (how Cloud TPU and most schedulers preempt) or SIGINT (Ctrl-C) asks the run to finish
-  its current step, save and stop; a second one stops at once.
-
-  One process: Python handlers note the signal. Several: jax's preemption service (started by
-  jax.distributed.initialize) catches SIGTERM on any process and agrees with all of them on one
-  step, so every process stops and saves at the same step; SIGINT is handed to it as SIGTERM.
-  """
-
-  def __init__(self):
-    self.received = None
-    self.previous = {}
-    self.shared = jax.process_count() > 1
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():  # Only there can Python handle signals.
-      for signum in (signal.SIGINT,) if self.shared else (signal.SIGTERM, signal.SIGINT):
-        self.previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    for signum, handler in self.previous.items():
-      signal.signal(signum, handler)
-
-  def _handle(self, signum, frame):
-    if self.received:
-      self.__exit__()
-      signal.raise_signal(signum)
-      return
-    self.received = signal.Signals(signum).name
-    logging.warning('%s received: finishing this step, then saving and stopping (send it again to stop at once).',
-                    self.received)
-    if self.shared:
-      os.kill(os.getpid(), signal.SIGTERM)  # To jax's preemption service, which tells every process.
-
-  def requested(self, step: int) -> bool:
-    """Whether to save and stop after `step`; with several processes, true at the same step on all."""
-    if self.shared:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.received is not None
-
-
-class WorkdirLock:
-  """WORKDIR/lock.json names the run that holds the workdir (host, pid, start) and is refreshed
-  every HEARTBEAT seconds. A second run refuses while the holder lives; the lock of a dead run is
-  taken over (same host: its pid is gone; another host: not refreshed for STALE seconds). Process 0
-  of a job holds it for all of the job's processes. A workdir the lock created is removed again if
-  the run leaves it empty (an error before anything was written)."""
-
-  HEARTBEAT, STALE = 60, 300
-
-  def __init__(self, workdir):
-    self.workdir = paths.resolve(workdir)
-    self.path = self.workdir / 'lock.json'
-    self.holder = {'host': socket.gethostname(), 'pid': os.getpid(), 'token': uuid.uuid4().hex,
-                   'started': time.strftime('%Y-%m-%d %H:%M:%S')}
-    self.stopped = threading.Event()
-
-  def _read(self):
-    try:
-      return json.loads(self.path.read_text())
-    except (OSError, ValueError):  # Gone, or cut short by a kill: nobody holds it.
-      return None
-
-  def _alive(self, holder) -> bool:
-    if holder['host'] == self.holder['host']:
-      try:
-        os.kill(holder['pid'], 0)
-      except ProcessLookupError:
-        return False
-      except PermissionError:
-        pass
-      return holder['pid'] != self.holder['pid']
-    return time.time() - holder['heartbeat'] < self.STALE
-
-  def _write(self):
-    paths.write_text(self.path, json.dumps(dict(self.holder, heartbeat=time.time())))
-
-  def _refusal(self):
-    holder = self._read()
-    if holder and holder['token'] != self.holder['token'] and self._alive(holder):
-      return (f'{self.workdir} is in use by the run of pid {holder["pid"]} on {holder["host"]} (started '
-              f'{holder["started"]}); stop that run or use another --workdir (delete {self.path} only if that '
-              'run is gone).')
-    if holder and holder['token'] != self.holder['token']:
-      logging.warning('Taking over %s from pid %s on %s, which is gone.', self.path, holder['pid'], holder['host'])
-    return None
-
-  def __enter__(self):
-    self.created = not self.workdir.exists()
-    refusal = None
-    if jax.process_index() == 0:
-      refusal = self._refusal()
-      if refusal is None:
-        self._write()
-        time.sleep(0.1)  # Two starts at once: the later write wins, the other one sees it and refuses.
-        refusal = self._refusal()
-    if jax.process_count() > 1:
-      refused = int(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
-      refusal = refusal or (f'{self.workdir} is in use by another run; stop it or use another --workdir.' if refused else None)
-    if refusal:
-      raise ConfigError(refusal)
-    if jax.process_index() == 0:
-      self.heartbeat = threading.Thread(target=self._beat, daemon=True)
-      self.heartbeat.start()
-    return self
-
-  def _beat(self):
-    while not self.stopped.wait(self.HEARTBEAT):
-      self._write()
-
-  def __exit__(self, *exc):
-    if jax.process_index() != 0:
-      return
-    self.stopped.set()
-    self.heartbeat.join()
-    holder = self._read()
-    if holder and holder['token'] == self.holder['token']:
-      self.path.unlink()
-    if self.created and self.workdir.is_dir() and not any(self.workdir.iterdir()):
-      self.workdir.rmdir()

@@ -1,24 +1,22 @@
-"""nopejax.convert against transformers itself: fixtures written by tests/fixtures/make_hf_llama.py
+"""from_hf and to_hf_dir against transformers itself: fixtures written by tests/fixtures/make_hf_llama.py
 (random tiny LlamaForCausalLMs saved with save_pretrained, and their float32 logits)."""
 import json
 import os
 import pathlib
 import shutil
-import struct
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
 
 import nopejax
 from conftest import small_config
+from hf_fixtures import FIXTURES, hf_copy
 from nopejax import checkpoint, config, convert, data, loop
 from nopejax.config import ConfigError
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
 LOGITS = np.load(FIXTURES / 'hf_llama_logits.npz')
 SOURCES = {'rope': ('hf_llama', False), 'nope': ('hf_llama', True), 'headscale': ('hf_llama_headscale', True)}
 
@@ -146,40 +144,6 @@ def test_converted_workdir_trains_on_and_is_a_search_base(converted, tfds_dir, t
   assert not np.allclose(searched.blocks[0].attention.temperature[...], 1.0)
 
 
-# ---------------------------------------------------------------------------------------------
-# safetensors and bad input.
-
-
-def test_safetensors_written_here_read_back_exactly(tmp_path):
-  tensors = {'b.weight': np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
-             'a.bf16': (np.arange(6, dtype=np.float32) / 3).astype(ml_dtypes.bfloat16).reshape(2, 3),
-             'c.ids': np.array([1, -2, 3], np.int64)}
-  path = str(tmp_path / 'x.safetensors')
-  convert.write_safetensors(path, tensors)
-  with open(path, 'rb') as f:
-    (header_size,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(header_size))
-  assert header_size % 8 == 0 and header['__metadata__'] == {'format': 'pt'}
-  assert header['a.bf16']['dtype'] == 'BF16' and header['a.bf16']['data_offsets'] == [0, 12]
-  read = convert.SafetensorsFile(path)
-  for name, array in tensors.items():
-    assert read.read(name).dtype == array.dtype and read.read(name).tobytes() == array.tobytes()
-
-
-def hf_copy(tmp_path, source='hf_llama', config_changes=None, drop=(), add=None):
-  """A copy of a fixture as one safetensors file, with config.json or tensors changed."""
-  out = tmp_path / 'changed'
-  out.mkdir()
-  hf_config = json.loads((FIXTURES / source / 'config.json').read_text())
-  hf_config.update(config_changes or {})
-  (out / 'config.json').write_text(json.dumps(hf_config))
-  files = convert.checkpoint_files(str(FIXTURES / source))
-  tensors = {n: f.read(n) for n, f in files.items() if n not in drop}
-  tensors.update(add or {})
-  convert.write_safetensors(str(out / 'model.safetensors'), tensors)
-  return str(out)
-
-
 @pytest.mark.parametrize('changes, message', [
     (dict(config_changes={'attention_bias': True}), 'attention_bias=true, which nopejax cannot express'),
     (dict(config_changes={'hidden_act': 'gelu'}), "hidden_act='gelu', which nopejax cannot express"),
@@ -203,34 +167,6 @@ def test_unsupported_checkpoints_are_one_sentence_and_write_nothing(tmp_path, ch
 def test_scaled_rope_converts_when_the_rotation_is_dropped(tmp_path):
   hf_dir = hf_copy(tmp_path, config_changes={'rope_scaling': {'type': 'linear', 'factor': 2.0}})
   convert.from_hf(hf_dir, str(tmp_path / 'out'), nope=True, tokenizer='byte')
-
-
-def test_bad_directories_are_refused_and_left_untouched(tmp_path, capsys):
-  (tmp_path / 'empty').mkdir()
-  assert convert.main(['from-hf', '--hf_dir', str(tmp_path / 'empty'), '--workdir', str(tmp_path / 'w')]) == 2
-  assert capsys.readouterr().err.startswith(f'error: --hf_dir {tmp_path / "empty"} has no config.json;')
-  bins = tmp_path / 'bins'
-  bins.mkdir()
-  shutil.copy(FIXTURES / 'hf_llama' / 'config.json', bins)
-  (bins / 'pytorch_model.bin').write_bytes(b'x')
-  with pytest.raises(ConfigError, match='PyTorch .bin files: save their state dict as safetensors first'):
-    convert.from_hf(str(bins), str(tmp_path / 'w'))
-  damaged = pathlib.Path(hf_copy(tmp_path))
-  data = (damaged / 'model.safetensors').read_bytes()
-  (damaged / 'model.safetensors').write_bytes(data[:len(data) // 2])
-  with pytest.raises(ConfigError, match='is truncated or damaged at tensor'):
-    convert.from_hf(str(damaged), str(tmp_path / 'w'), tokenizer='byte')
-  assert not (tmp_path / 'w').exists()
-
-  occupied = tmp_path / 'occupied'
-  occupied.mkdir()
-  (occupied / 'notes.txt').write_text('mine')
-  code = convert.main(['from-hf', '--hf_dir', str(FIXTURES / 'hf_llama'), '--workdir', str(occupied)])
-  assert code == 2 and 'is not empty; convert into a new directory' in capsys.readouterr().err
-  assert os.listdir(occupied) == ['notes.txt']
-  code = convert.main(['to-hf', '--workdir', str(tmp_path / 'nowhere'), '--hf_dir', str(occupied)])
-  assert code == 2 and 'exists and is not empty; write into a new directory' in capsys.readouterr().err
-  assert os.listdir(occupied) == ['notes.txt']
 
 
 def test_workdir_configs_continue_or_search_a_converted_model(converted):
@@ -275,3 +211,18 @@ def test_models_with_a_bias_or_a_scaling_do_not_export_to_llama(converted, tmp_p
   with pytest.raises(ConfigError, match='rope_scaling=yarn.*only plain NoPE and RoPE models export to Llama'):
     convert.to_hf_dir(str(workdir), str(tmp_path / 'hf'))
   assert not (tmp_path / 'hf').exists()
+
+
+def test_unreadable_weights_are_refused_and_write_nothing(tmp_path):
+  bins = tmp_path / 'bins'
+  bins.mkdir()
+  shutil.copy(FIXTURES / 'hf_llama' / 'config.json', bins)
+  (bins / 'pytorch_model.bin').write_bytes(b'x')
+  with pytest.raises(ConfigError, match='PyTorch .bin files: save their state dict as safetensors first'):
+    convert.from_hf(str(bins), str(tmp_path / 'w'))
+  damaged = pathlib.Path(hf_copy(tmp_path))
+  data = (damaged / 'model.safetensors').read_bytes()
+  (damaged / 'model.safetensors').write_bytes(data[:len(data) // 2])
+  with pytest.raises(ConfigError, match='is truncated or damaged'):
+    convert.from_hf(str(damaged), str(tmp_path / 'w'), tokenizer='byte')
+  assert not (tmp_path / 'w').exists()

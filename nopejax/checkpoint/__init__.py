@@ -1,0 +1,15 @@
+"""A run's checkpoints and its hold on its workdir.
+
+  io            orbax checkpoints: save, resume (onto any mesh, past damaged steps), restore a
+                model, weights-only checkpoints, and the pins that keep a search's base step
+  load          `load(workdir)`: a workdir's latest model and config, for notebooks and tools
+  lock          WorkdirLock: one run at a time in a workdir
+  stop_signals  StopSignals: SIGTERM or SIGINT saves and stops at a step boundary
+"""
+from nopejax.checkpoint.io import (
+    ARCHITECTURE_DEFAULTS, SHAPE_KEYS, DamagedCheckpoint, all_steps, check_shape, checkpoint_dir,
+    latest_step, make_manager, model_shape, pin, pinned_steps, pins_dir, read_meta, restore,
+    restore_model, restore_newest, save, save_weights)
+from nopejax.checkpoint.load import load
+from nopejax.checkpoint.lock import WorkdirLock
+from nopejax.checkpoint.stop_signals import StopSignals
