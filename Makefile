@@ -12,20 +12,27 @@ export JAX_PLATFORMS ?= cpu
 DEMO_DIR ?= runs/demo
 COMPARE_DIR ?= runs/compare
 
-.PHONY: setup setup-tpu setup-bench demo compare plan test bench clean
+.PHONY: setup setup-dev setup-tpu setup-bench demo compare plan test bench clean
 
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 setup-tpu: $(VENV)/.installed-tpu
 setup-bench: $(BENCH_VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# pyproject.toml holds every pin. `make demo` needs the package alone; the tests add the dev extra (every
+# optional extra's code runs in the suite) and libtpu (the TPU compile tests); `make plan` libtpu.
+$(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-tpu: requirements-tpu.txt $(VENV)/.installed
-	$(PY) -m pip install --quiet -r requirements-tpu.txt
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,tpu]'
+	touch $@
+
+$(VENV)/.installed-tpu: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[tpu]'
 	touch $@
 
 # Pretrain the tiny NoPE model, search its temperatures at 4x the length, evaluate the model as
@@ -44,14 +51,16 @@ demo: setup
 	@echo "Search:      $(DEMO_DIR)/search (temperatures.json, temperatures.png, eval/report.md)"
 	@echo "Comparison:  $(DEMO_DIR)/compare (table and curves of the three)"
 
-# The PyTorch side of the benchmark lives in its own environment, never in the main one.
-$(BENCH_VENV)/.installed: requirements-bench.txt
+# The PyTorch side of the benchmark lives in its own environment, never in the main one: only the
+# pins of pyproject.toml's bench extra, without nopejax and jax.
+$(BENCH_VENV)/.installed: pyproject.toml
 	test -d $(BENCH_VENV) || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install --quiet -r requirements-bench.txt
+	$(BENCH_VENV)/bin/python -m pip install --quiet $$($(BENCH_VENV)/bin/python -c \
+	    "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench'])")
 	touch $@
 
-# nopejax's train step (1 and 8 simulated devices) beside transformers' LlamaForCausalLM (bench/README.md).
+# nopejax's train step (1 and 8 simulated devices) beside transformers' LlamaForCausalLM (docs/benchmarks.md).
 bench: setup setup-bench
 	$(PY) bench/vs_torch.py
 
@@ -68,7 +77,7 @@ compare: setup
 	$(PY) -m nopejax.compare --config configs/tiny.py --out $(COMPARE_DIR)
 	@echo "Table and plot: $(COMPARE_DIR)/compare.md, $(COMPARE_DIR)/compare.png"
 
-test: setup setup-tpu
+test: setup-dev
 	$(PY) -m pytest -q
 
 clean:

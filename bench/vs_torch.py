@@ -1,7 +1,7 @@
 """nopejax's train step against Hugging Face transformers' LlamaForCausalLM, side by side on this CPU.
 
   make bench                                  # sets up both environments, then runs this
-  .venv/bin/python bench/vs_torch.py          # the driver; torch runs in .venv-bench (requirements-bench.txt)
+  .venv/bin/python bench/vs_torch.py          # the driver; torch runs in .venv-bench (pyproject's bench extra)
 
 The driver starts one process per measurement, so each side gets the machine alone and the 1- and
 8-device nopejax runs each get their own XLA_FLAGS; the sides take turns, --repeats times (3), and

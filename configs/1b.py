@@ -1,19 +1,34 @@
 """The paper's model and recipe: TinyLlama-1.1B with RoPE removed (NoPE), 50K steps x 2M tokens.
 
 22 layers, width 2048, 32 query heads over 4 kv heads, SwiGLU 5632, vocab 32000, context 2048:
-1,100,048,384 parameters plus 704 temperatures. Data: SlimPajama (no GitHub) + StarCoderdata 7:3 as
-a directory of .jsonl files, tokenized with the Llama-2 SentencePiece model.
+1,100,048,384 parameters plus 704 temperatures. Data: SlimPajama (no GitHub) + StarCoderdata 7:3,
+their shards read in place (SlimPajama's .jsonl.zst, StarCoderData's .parquet), tokenized with the
+Llama-2 SentencePiece model.
 
   python -m nopejax.train --config configs/1b.py --workdir gs://BUCKET/runs/nope-1b \
-      --config.data.text_dir=/data/slimpajama_starcoder --config.data.tokenizer=/data/llama2.model
+      --config.data.train_files='gs://BUCKET/SlimPajama-627B/train/chunk*/*.jsonl.zst,gs://BUCKET/starcoderdata/*/train-*.parquet' \
+      --config.data.eval_files='gs://BUCKET/SlimPajama-627B/validation/chunk1/*.jsonl.zst' \
+      --config.data.tokenizer=gs://BUCKET/llama2.model
+
+Or tokenize once, on 100 Dataflow workers (pip install 'nopejax[dataflow]'; pip wheel --no-deps -w dist .;
+again with --split eval, data.eval_files and --out gs://BUCKET/tokens/eval), and train on the token shards:
+
+  python -m nopejax.prepare --config configs/1b.py --config.data.tokenizer=gs://BUCKET/llama2.model \
+      --config.data.train_files='gs://BUCKET/SlimPajama-627B/train/chunk*/*.jsonl.zst,gs://BUCKET/starcoderdata/*/train-*.parquet' \
+      --out gs://BUCKET/tokens/train -- --runner=DataflowRunner --project=PROJECT --region=REGION \
+      --temp_location=gs://BUCKET/tmp --machine_type=n2-standard-4 --num_workers=100 \
+      --extra_package=dist/nopejax-0.1.0-py3-none-any.whl
+  python -m nopejax.train --config configs/1b.py --workdir gs://BUCKET/runs/nope-1b \
+      --config.data.train_files=gs://BUCKET/tokens/train --config.data.eval_files=gs://BUCKET/tokens/eval \
+      --config.data.tokenizer=gs://BUCKET/llama2.model
   python -m nopejax.train --config configs/1b.py --dry_run   # size and bytes per device, no memory
   python -m nopejax.plan --config configs/1b.py --topology v5e-256   # compiles for the slice here: fits?
 """
-from configs import base
+from nopejax import config
 
 
 def get_config():
-  cfg = base.get_config()
+  cfg = config.get_config()
   cfg.model.vocab_size = 32000
   cfg.model.num_layers = 22
   cfg.model.embed_dim = 2048
@@ -25,7 +40,8 @@ def get_config():
   cfg.model.dtype = 'bfloat16'
   cfg.model.remat = 'full'
   cfg.model.scan_layers = True
-  cfg.data.dataset = 'textdir'
+  cfg.data.dataset = 'files'  # data.train_files / data.eval_files on the command line (above).
+  cfg.data.text_key = 'text,content'  # SlimPajama's field, StarCoderData's column.
   cfg.data.tokenizer = 'llama2.model'
   cfg.data.seq_len = 2048
   cfg.data.separate_documents = False  # TinyLlama's packing let documents see each other.

@@ -1,4 +1,4 @@
-"""The paper's head-temperature search of the 1B NoPE model at 8K (method.md, section 3).
+"""The paper's head-temperature search of the 1B NoPE model at 8K (docs/method.md, section 3).
 
 704 temperatures (22 layers x 32 heads) train from 1.6, the best uniform value at 8K, while the
 1.1B weights stay frozen: AdamW (0.9, 0.95), no weight decay, clip 1.0, lr 0.1, 200 steps of
@@ -10,18 +10,16 @@
 """
 import pathlib
 
-from configs import base
 from nopejax import config
 
 
 def get_config():
-  cfg = base.search_recipe(config.from_file(pathlib.Path(__file__).with_name('1b.py')))
+  cfg = config.search_recipe(config.from_file(pathlib.Path(__file__).with_name('1b.py')))
   cfg.data.seq_len = 8192
   cfg.train.log_every = 10
   cfg.train.eval_every = 50
   cfg.train.checkpoint_every = 50
   cfg.search.init = '1.6'  # The best uniform temperature at 8K.
-  # The float32 logits 2048 positions at a time: at 32K on v5e-8 the plan's temporaries drop from
-  # 12.1 to 8.2 GiB per chip (bench/README.md); 2048 divides every search length.
+  # The float32 logits 2048 positions at a time, never the whole window's: 2048 divides every search length.
   cfg.train.loss_chunk = 2048
   return cfg

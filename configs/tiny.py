@@ -1,15 +1,15 @@
 """Tiny byte-level NoPE model on the bundled corpus (the Python standard library): the CPU default.
 
 Long enough in training (2000 steps at length 64) that the paper's picture shows: loss climbs past
-the training length and a temperature c > 1 brings it down (docs: method.md, section 8).
+the training length and a temperature c > 1 brings it down (docs/method.md, section 8).
 
   python -m nopejax.train --config configs/tiny.py --workdir runs/tiny
 """
-from configs import base
+from nopejax import config
 
 
 def get_config():
-  cfg = base.get_config()
+  cfg = config.get_config()
   cfg.model.vocab_size = 256
   cfg.model.num_layers = 4
   cfg.model.embed_dim = 128

@@ -1,4 +1,4 @@
-"""The tiny model pretrained with temperatures that train along with the weights (issue 13).
+"""The tiny model pretrained with temperatures that train along with the weights.
 
 The weights train as in configs/tiny.py; the per-head temperatures form a second optimizer
 partition (train.temperature.*). The schedule is overridable: 'constant' (c_h), 'ssmax'
@@ -8,11 +8,13 @@ partition (train.temperature.*). The schedule is overridable: 'constant' (c_h), 
   python -m nopejax.train --config configs/tiny_learned_temperature.py --workdir runs/tiny_lt_log \
       --config.model.temperature_schedule=log
 """
-from configs import tiny
+import pathlib
+
+from nopejax import config
 
 
 def get_config():
-  cfg = tiny.get_config()
+  cfg = config.from_file(pathlib.Path(__file__).with_name('tiny.py'))
   cfg.train.trainable = 'model+temperature'
   cfg.model.temperature_schedule = 'log'
   cfg.model.temperature_length = 16

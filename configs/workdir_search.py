@@ -1,4 +1,4 @@
-"""The paper's temperature search (base.search_recipe) for the model in a workdir, at 4x the
+"""The paper's temperature search (config.search_recipe) for the model in a workdir, at 4x the
 length it was trained at, starting from the best uniform temperature (search.init='auto').
 Pass the workdir of the model after a colon; it becomes search.base.
 
@@ -7,12 +7,11 @@ Pass the workdir of the model after a colon; it becomes search.base.
 """
 import os
 
-from configs import base
 from nopejax import config
 
 
 def get_config(workdir):
-  cfg = base.search_recipe(config.load_json(os.path.join(workdir, 'config.json')))
+  cfg = config.search_recipe(config.load_json(os.path.join(workdir, 'config.json')))
   cfg.search.base = workdir
   cfg.search.init = 'auto'
   cfg.data.seq_len *= 4

@@ -2,7 +2,8 @@
 # GPU nodes: install, then train under SLURM or on plain machines. --dry-run prints the exact
 # commands (and the batch script) instead of running them.
 #
-#   bash launch/gpu.sh install                     (in the repository, on storage every node sees)
+#   bash launch/gpu.sh install                     (in the repository, on storage every node sees: .venv with
+#       pip install -e '.[cuda]', the pins of pyproject.toml and jax's CUDA 12 build)
 #   bash launch/gpu.sh slurm --nodes 2 [--gpus-per-node 8] [--partition P] [--time 7-00:00:00] -- TRAIN FLAGS
 #       One process per GPU: jax's SLURM detection joins them and gives each its GPU.
 #   COORDINATOR=node0:12345 NUM_NODES=2 NODE_RANK=0 bash launch/gpu.sh node -- TRAIN FLAGS
@@ -15,7 +16,7 @@
 # same command again to resume.
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 2; }
 
 command=${1:-}
 [[ -z "$command" || "$command" == -h || "$command" == --help ]] && usage
@@ -44,7 +45,7 @@ need_train_args() {
 case "$command" in
   install)
     [[ -d .venv ]] || run python3.11 -m venv .venv
-    run .venv/bin/pip install -q -r requirements.txt 'jax[cuda13]==0.10.2'
+    run .venv/bin/pip install -q -e '.[cuda]'
     ;;
   slurm)
     need_train_args

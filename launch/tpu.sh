@@ -7,7 +7,7 @@
 #       --config configs/1b.py --workdir gs://BUCKET/runs/nope-1b \
 #       --config.data.text_dir=gs://BUCKET/data/slimpajama_starcoder --config.data.tokenizer=gs://BUCKET/llama2.model
 #   bash launch/tpu.sh create  --name NAME --zone ZONE --type TYPE [--spot] [--project P] [--runtime VERSION]
-#   bash launch/tpu.sh install --name NAME --zone ZONE [--repo URL] [--branch B]
+#   bash launch/tpu.sh install --name NAME --zone ZONE [--branch B]        (NOPEJAX_REPO, below, and its pins)
 #   bash launch/tpu.sh train   --name NAME --zone ZONE -- TRAIN FLAGS      (the same command on all workers)
 #   bash launch/tpu.sh logs    --name NAME --zone ZONE                     (worker 0's log, followed)
 #   bash launch/tpu.sh stop    --name NAME --zone ZONE                     (SIGTERM: finish the step, save, exit)
@@ -15,15 +15,19 @@
 #
 # `up` is create + install + train + logs. Run `train` again after a preemption: it resumes from the
 # workdir's latest checkpoint.
+#
+# NOPEJAX_REPO is the nopejax every worker installs (pip install -e '.[tpu]' in ~/nopejax): a local
+# git checkout, by default the one this script is in, whose files (tracked and untracked, not ignored)
+# are copied to the workers; or a git URL the workers clone (--branch B picks a branch).
 set -euo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 2; }
 
 command=${1:-}
 [[ -z "$command" || "$command" == -h || "$command" == --help ]] && usage
 shift
 name= zone= type=v5litepod-256 runtime= project= spot= dry_run=
-repo=${REPO:-https://github.com/OWNER/nopejax.git} branch=${BRANCH:-main}
+repo=${NOPEJAX_REPO:-$(cd "$(dirname "$0")/.." && pwd)} branch=
 train_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -32,7 +36,6 @@ while [[ $# -gt 0 ]]; do
     --type) type=$2; shift 2 ;;
     --runtime) runtime=$2; shift 2 ;;
     --project) project=$2; shift 2 ;;
-    --repo) repo=$2; shift 2 ;;
     --branch) branch=$2; shift 2 ;;
     --spot) spot=1; shift ;;
     --dry-run) dry_run=1; shift ;;
@@ -69,12 +72,27 @@ create() {
 }
 
 install() {
+  local fetch
+  if [[ -d "$repo" ]]; then  # A local checkout: its files, packed here and unpacked on every worker.
+    git -C "$repo" rev-parse --git-dir > /dev/null 2>&1 ||
+      { echo "error: NOPEJAX_REPO=$repo is not a git checkout; set it to one, or to a git URL" >&2; exit 2; }
+    local archive="${TMPDIR:-/tmp}/nopejax-$name.tar.gz"
+    local pack='set -o pipefail; cd "$1" && git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d "" f; do [[ ! -e "$f" ]] || printf "%s\0" "$f"; done | tar -czf "$2" --null -T -'
+    run bash -c "$pack" pack "$repo" "$archive"
+    run gcloud compute tpus tpu-vm scp "$archive" "$name:nopejax.tar.gz" --zone "$zone" "${project_flag[@]}" --worker=all
+    fetch="mkdir -p nopejax && tar -xzf nopejax.tar.gz -C nopejax"
+  elif [[ "$repo" == *:* ]]; then  # A git URL: cloned on every worker, then brought up to date.
+    fetch="{ test -d nopejax || git clone -q $(quote "$repo") nopejax; }"
+    [[ -z "$branch" ]] || fetch+=" && git -C nopejax fetch -q origin $(quote "$branch") && git -C nopejax checkout -q $(quote "$branch")"
+    fetch+=" && git -C nopejax pull -q --ff-only"
+  else
+    echo "error: NOPEJAX_REPO=$repo is neither a folder here nor a git URL; set it to a checkout of nopejax or its URL" >&2
+    exit 2
+  fi
   # The images ship Python 3.10; the pinned stack needs 3.11.
-  on_workers all "sudo apt-get -qq update && sudo apt-get -qq install -y python3.11 python3.11-venv git \
-&& { test -d nopejax || git clone -q -b $branch $repo nopejax; } \
-&& cd nopejax && git fetch -q origin $branch && git checkout -q $branch && git pull -q --ff-only \
-&& { test -d .venv || python3.11 -m venv .venv; } \
-&& .venv/bin/pip install -q -r requirements.txt 'jax[tpu]==0.10.2'"
+  on_workers all "sudo apt-get -qq update && sudo apt-get -qq install -y python3.11 python3.11-venv git && $fetch \
+&& cd nopejax && { test -d .venv || python3.11 -m venv .venv; } && .venv/bin/pip install -q --upgrade pip \
+&& .venv/bin/pip install -q -e '.[tpu]'"
 }
 
 train() {

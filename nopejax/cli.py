@@ -14,22 +14,18 @@ def fail(message, code=2):
 
 
 def parse_flags(argv):
-  """absl flag parsing, but a bad flag or config override ends in one sentence and exit code 2.
-
-  Also host.keep_cpu_buffers(), since every command line parses its flags before jax starts.
-  """
+  """parse_command_flags for the commands that take `--config`: an unknown key, a config file that
+  fails or a missing `--config` is one sentence and exit code 2."""
   from nopejax import config, host
-  host.keep_cpu_buffers()
+  if any(arg in host.HELP_FLAGS for arg in argv[1:]):
+    return host.parse_command_flags(argv, '')
   for arg in argv[1:]:
     if arg.startswith('--config.'):
       key = arg[len('--config.'):].split('=')[0]
       if not config.is_declared(key):
-        fail(f'Unknown config key {key}; every key is declared in configs/base.py, check the spelling there.')
+        fail(f'Unknown config key {key}; every key is declared in nopejax/defaults.py, check the spelling there.')
   _check_config_file(argv)
-  try:
-    argv = flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    fail(f'{" ".join(str(e).split())}; check the flag against configs/base.py.')
+  argv = host.parse_command_flags(argv, 'check the flag against nopejax/defaults.py.')
   if CONFIG.value is None:
     fail('No --config given; pass one, e.g. --config configs/tiny.py.')
   try:

@@ -1,4 +1,5 @@
-"""The one config object: loading, checking and saving it. Every key is declared in configs/base.py."""
+"""The one config object: its defaults (`get_config()`, every key declared in nopejax/defaults.py),
+checking, loading and saving it."""
 import importlib.util
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 import ml_collections
 from etils import epath
 
-from configs import base
+from nopejax.defaults import get_config, search_recipe  # noqa: F401 (public here: configs start from them)
 from nopejax.positions import POSITIONS, ROPE_SCALINGS
 
 DTYPES = ('float32', 'bfloat16')
@@ -83,15 +84,15 @@ def _flat_keys(cfg, prefix=''):
 
 
 def is_declared(key: str) -> bool:
-  """Whether a dotted key such as 'train.steps' is declared in configs/base.py."""
-  return key in _flat_keys(base.get_config())
+  """Whether a dotted key such as 'train.steps' is declared in nopejax/defaults.py."""
+  return key in _flat_keys(get_config())
 
 
 def validate(cfg) -> None:
   """Raises ConfigError for the first problem found; returns None for a usable config."""
-  unknown = sorted(_flat_keys(cfg) - _flat_keys(base.get_config()))
+  unknown = sorted(_flat_keys(cfg) - _flat_keys(get_config()))
   if unknown:
-    raise ConfigError(f'Unknown config key {unknown[0]}; every key is declared in configs/base.py, check the spelling there.')
+    raise ConfigError(f'Unknown config key {unknown[0]}; every key is declared in nopejax/defaults.py, check the spelling there.')
   m = cfg.model
   if m.position not in POSITIONS:
     raise ConfigError(f'model.position={m.position!r} is not one of {POSITIONS}; pick one of those.')
@@ -186,6 +187,10 @@ def validate(cfg) -> None:
   if t.skip_nonfinite < 0:
     raise ConfigError(f'train.skip_nonfinite={t.skip_nonfinite} must not be negative; set 0 to stop at the first '
                       'non-finite update, or N to skip up to N in a row.')
+  d = cfg.data
+  if d.open_shards < 1 or d.shuffle_buffer < 0:
+    raise ConfigError(f'data.open_shards={d.open_shards} must be at least 1 and data.shuffle_buffer={d.shuffle_buffer} '
+                      'not negative; set e.g. 8 and 1024 (0 = no shuffle of the packed windows).')
   if cfg.search.base and t.trainable != 'temperature':
     raise ConfigError("search.base is set but train.trainable is 'model'; set --config.train.trainable=temperature or clear search.base.")
   lengths = search_lengths(cfg)
@@ -204,12 +209,12 @@ def validate(cfg) -> None:
 
 def from_dict(values: dict) -> ml_collections.ConfigDict:
   """Overlays saved values (e.g. a workdir's config.json) on the declared defaults."""
-  cfg = base.get_config()
+  cfg = get_config()
 
   def overlay(node, values, prefix):
     for key, value in values.items():
       if key not in node:
-        raise ConfigError(f'Unknown config key {prefix}{key}; every key is declared in configs/base.py, check the spelling there.')
+        raise ConfigError(f'Unknown config key {prefix}{key}; every key is declared in nopejax/defaults.py, check the spelling there.')
       if isinstance(node[key], ml_collections.ConfigDict):
         overlay(node[key], value, f'{prefix}{key}.')
       elif key == 'remat' and isinstance(value, bool):  # A bool before the policies (older config.json files).

@@ -6,11 +6,10 @@ SLURM, Open MPI, Kubernetes), or by hand on any machines:
 
   python -m nopejax.train ... --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
 """
-import logging as logging_std
-
 from absl import app, flags, logging
 
-from nopejax import cli
+from nopejax import cli, host
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the saved config.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the model abstractly, print mesh, size and bytes per device, exit.')
 _COORDINATOR = flags.DEFINE_string(
@@ -19,19 +18,11 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes - 1.')
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Keeps orbax's and grain's per-file INFO lines out of the progress log."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or not any(
-        f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'jax', 'tensorflow_datasets'))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}; every setting is a --config.key=value flag.')
   from nopejax import config, loop, sharding  # After flag parsing, so XLA_FLAGS set in the environment apply.
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  host.quiet_libraries()
   cfg = cli.CONFIG.value
   try:
     sharding.join_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

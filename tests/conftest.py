@@ -24,8 +24,8 @@ def tfds_dir(tmp_path_factory):
 
 def small_config(tfds_dir=None):
   """A model small enough to compile and step in seconds, with dims that divide every test mesh."""
-  from configs import base
-  cfg = base.get_config()
+  from nopejax import config
+  cfg = config.get_config()
   cfg.model.num_layers = 2
   cfg.model.embed_dim = 64
   cfg.model.num_heads = 4

@@ -1,25 +1,26 @@
-import importlib
+"""nopejax.config: the declared defaults, validation, loading and saving; the shipped config files."""
+import ast
 import json
 import pathlib
 import re
 
 import pytest
 
-from configs import base
+import nopejax
 from nopejax import config
 from nopejax.config import ConfigError
 
 
 def checked(**changes):
-  cfg = base.get_config()
+  cfg = config.get_config()
   for dotted, value in changes.items():
     section, key = dotted.split('__')
     cfg[section][key] = value
   config.validate(cfg)
 
 
-def test_base_config_is_valid_and_locked():
-  cfg = base.get_config()
+def test_defaults_are_valid_and_locked():
+  cfg = config.get_config()
   config.validate(cfg)
   with pytest.raises(AttributeError):
     cfg.train.stepz = 3
@@ -75,7 +76,7 @@ def test_head_dim_given_explicitly_frees_the_width_constraint():
 
 
 def test_search_init_parses_numbers_and_auto():
-  cfg = base.get_config()
+  cfg = config.get_config()
   cfg.search.init = '1.6'
   assert config.search_init(cfg) == 1.6
   cfg.search.init = 'auto'
@@ -83,7 +84,7 @@ def test_search_init_parses_numbers_and_auto():
 
 
 def test_saved_config_round_trips_with_tuples_and_rejects_unknown_keys():
-  cfg = base.get_config()
+  cfg = config.get_config()
   cfg.train.steps = 77
   restored = config.from_dict(json.loads(config.to_json(cfg)))
   assert restored == cfg and isinstance(restored.mesh.rules[0][1], tuple)
@@ -97,7 +98,30 @@ def test_is_declared():
   assert config.is_declared('train.steps') and not config.is_declared('train.stepz')
 
 
-@pytest.mark.parametrize('name', sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / 'configs').glob('*.py')
-                                        if p.stem not in ('__init__', 'base', 'workdir', 'workdir_search')))
-def test_every_shipped_config_is_valid(name):
-  config.validate(importlib.import_module(f'configs.{name}').get_config())
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIG_FILES = sorted((ROOT / 'configs').glob('*.py'))
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
+def test_every_shipped_config_is_valid(path, tmp_path):
+  """Each file by its path, as --config loads it; workdir*.py read a workdir's config.json (after a colon)."""
+  (tmp_path / 'config.json').write_text(config.to_json(config.from_file(ROOT / 'configs' / 'tiny.py')))
+  cfg = config.from_file(f'{path}:{tmp_path}' if path.stem.startswith('workdir') else path)
+  config.validate(cfg)
+
+
+def _imported_modules(path):
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      yield from (alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+      yield node.module
+
+
+def test_nothing_imports_the_configs_folder():
+  """The package owns its defaults: configs/ builds on nopejax, never the reverse, and its files load
+  each other by path, so that --config works from any directory."""
+  sources = sorted(pathlib.Path(nopejax.__file__).parent.rglob('*.py')) + CONFIG_FILES
+  importers = [str(path) for path in sources
+               if any(name == 'configs' or name.startswith('configs.') for name in _imported_modules(path))]
+  assert len(sources) > 20 and importers == []

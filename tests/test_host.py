@@ -1,8 +1,11 @@
-"""glibc keeps the CPU step's freed buffers for the next step (host.keep_cpu_buffers)."""
+"""nopejax.host: glibc keeps the CPU step's freed buffers for the next step (keep_cpu_buffers); the
+libraries' per-file INFO lines stay out of the log (quiet_libraries)."""
+import logging
 import subprocess
 import sys
 
 import pytest
+from absl import logging as absl_logging
 
 from nopejax import host
 
@@ -54,3 +57,25 @@ def test_cpu_only_reads_jax_platforms(monkeypatch):
   assert host.cpu_only()
   monkeypatch.setenv('JAX_PLATFORMS', 'tpu,cpu')
   assert not host.cpu_only()
+
+
+def test_quiet_libraries_drops_their_info_lines_once_installed():
+  handler = absl_logging.get_absl_handler()
+  before = list(handler.filters)
+  try:
+    host.quiet_libraries()
+    host.quiet_libraries()
+    added = [f for f in handler.filters if f not in before]
+    assert len(added) == 1
+
+    def passes(pathname, level):
+      return handler.filter(logging.LogRecord('x', level, pathname, 1, 'message', None, None))
+
+    assert not passes('/venv/site-packages/orbax/checkpoint/io.py', logging.INFO)
+    assert not passes('/venv/site-packages/grain/_src/reader.py', logging.INFO)
+    assert passes('/venv/site-packages/orbax/checkpoint/io.py', logging.WARNING)
+    assert passes('/work/nopejax/metrics.py', logging.INFO)
+  finally:
+    for f in handler.filters[:]:
+      if f not in before:
+        handler.removeFilter(f)

@@ -1,10 +1,12 @@
-"""launch/tpu.sh and launch/gpu.sh: the commands they print with --dry-run are the ones they run."""
+"""launch/tpu.sh and launch/gpu.sh: the commands they print with --dry-run are the ones they run;
+launch/colab.ipynb: every code cell runs headless, its install cell included."""
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -30,7 +32,7 @@ def fake_tools(tmp_path):
 
   def launch(script, *args, **env_values):
     result = subprocess.run(['bash', f'launch/{script}', *args], cwd=ROOT, capture_output=True, text=True,
-                            env=dict(env, **env_values), timeout=60)
+                            env=dict(env, TMPDIR=str(tmp_path), **env_values), timeout=60)
     recorded = [shlex.split(line) for line in calls.read_text().splitlines()] if calls.exists() else []
     calls.unlink(missing_ok=True)
     return result, recorded
@@ -42,18 +44,23 @@ def printed_commands(result):
   return [shlex.split(line) for line in result.stdout.splitlines()]
 
 
-def test_tpu_up_creates_installs_trains_on_all_workers_and_follows_worker_0(fake_tools):
+def test_tpu_up_creates_installs_trains_on_all_workers_and_follows_worker_0(fake_tools, tmp_path):
   result, ran = fake_tools('tpu.sh', 'up', '--dry-run', '--name', 'nope-1b', '--zone', 'us-east5-a',
                            '--type', 'v5litepod-256', '--', *TRAIN_ARGS)
   assert result.returncode == 0, result.stderr
   assert ran == []  # A dry run runs nothing.
-  create, install, train, logs = printed_commands(result)
+  create, pack, copy, install, train, logs = printed_commands(result)
   assert create == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'nope-1b', '--node-id', 'nope-1b',
                     '--zone', 'us-east5-a', '--accelerator-type', 'v5litepod-256', '--runtime-version',
                     'v2-alpha-tpuv5-lite']
+  # NOPEJAX_REPO defaults to the checkout the script is in: its files go to every worker, installed with pip.
+  archive = str(tmp_path / 'nopejax-nope-1b.tar.gz')
+  assert pack[:2] == ['bash', '-c'] and pack[3:] == ['pack', ROOT, archive]
+  assert copy == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', archive, 'nope-1b:nopejax.tar.gz', '--zone',
+                  'us-east5-a', '--worker=all']
   ssh = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'nope-1b', '--zone', 'us-east5-a']
-  assert install[:9] == ssh + ['--worker=all'] and install[9] == '--command'
-  assert "pip install -q -r requirements.txt 'jax[tpu]==0.10.2'" in install[10]
+  assert install[:10] == ssh + ['--worker=all', '--command']
+  assert 'tar -xzf nopejax.tar.gz -C nopejax' in install[10] and install[10].endswith("pip install -q -e '.[tpu]'")
   assert train[:10] == ssh + ['--worker=all', '--command']
   remote = shlex.split(train[10])
   start = remote.index('nopejax.train') + 1
@@ -64,7 +71,23 @@ def test_tpu_up_creates_installs_trains_on_all_workers_and_follows_worker_0(fake
   result, ran = fake_tools('tpu.sh', 'up', '--name', 'nope-1b', '--zone', 'us-east5-a', '--type', 'v5litepod-256',
                            '--', *TRAIN_ARGS)
   assert result.returncode == 0, result.stderr
-  assert [c for c in ran if 'describe' not in c] == [create, install, train, logs]
+  assert [c for c in ran if 'describe' not in c] == [create, copy, install, train, logs]
+  with tarfile.open(archive) as packed:  # The checkout's files, none of what git ignores.
+    names = packed.getnames()
+  assert {'pyproject.toml', 'nopejax/train.py', 'configs/1b.py', 'launch/tpu.sh'} <= set(names)
+  assert not any(name.startswith(('.git/', '.venv', 'runs/')) or '__pycache__' in name for name in names)
+
+
+def test_tpu_install_clones_a_git_url_on_the_workers(fake_tools):
+  result, _ = fake_tools('tpu.sh', 'install', '--dry-run', '--name', 'n', '--zone', 'z', '--branch', 'dev',
+                         NOPEJAX_REPO='https://example.com/me/nopejax.git')
+  assert result.returncode == 0, result.stderr
+  (install,) = printed_commands(result)
+  assert ('git clone -q https://example.com/me/nopejax.git nopejax; } && git -C nopejax fetch -q origin dev '
+          '&& git -C nopejax checkout -q dev && git -C nopejax pull -q --ff-only && cd nopejax') in install[10]
+  result, ran = fake_tools('tpu.sh', 'install', '--name', 'n', '--zone', 'z', NOPEJAX_REPO='nopejax-copy')
+  assert result.returncode == 2 and ran == []
+  assert result.stderr.startswith('error: NOPEJAX_REPO=nopejax-copy is neither a folder here nor a git URL')
 
 
 def test_tpu_stop_signals_every_worker_and_delete_removes_the_queued_resource(fake_tools):
@@ -112,19 +135,19 @@ def test_gpu_node_joins_by_environment_variables(fake_tools):
 
 
 def notebook_code(path, before_ipython='', **assignments):
-  """The notebook's code cells as one script without shell lines (!, %), top-level NAME = value
-  assignments replaced (fewer steps), `before_ipython` put before the cell that imports IPython."""
+  """The notebook's code cells as one script, every line of them, top-level NAME = value assignments
+  replaced (fewer steps), `before_ipython` put before the cell that imports IPython."""
   with open(path) as f:
     cells = [''.join(cell['source']) for cell in json.load(f)['cells'] if cell['cell_type'] == 'code']
   cells = [before_ipython + cell if 'from IPython' in cell else cell for cell in cells]
-  source = '\n'.join(line for cell in cells for line in cell.splitlines() if not line.lstrip().startswith(('!', '%')))
+  source = '\n'.join(cells)
   for name, value in assignments.items():
     source, count = re.subn(rf'^{name} = .*$', f'{name} = {value!r}', source, flags=re.M)
     assert count == 1, name
   return source
 
 
-# IPython (Colab's display) is not part of the requirements; headless, Image just checks the file.
+# IPython (Colab's display) is no dependency of nopejax; headless, Image just checks the file.
 # Put in only where the notebook imports it: treescope (under flax) would take it for the real one.
 IPYTHON_STAND_IN = '''
 import sys, types
@@ -139,11 +162,14 @@ except ImportError:
 
 
 def test_colab_notebook_code_cells_run_headless(tfds_dir, small_run, tmp_path):
+  """Every cell, from the install on: NOPEJAX_REPO is this checkout, so its editable install into this
+  interpreter changes nothing; offline, without dependencies (installed already) or a build environment."""
   script = tmp_path / 'notebook.py'
   script.write_text(notebook_code(os.path.join(ROOT, 'launch', 'colab.ipynb'), IPYTHON_STAND_IN,
-                                  STEPS=20, SEARCH_STEPS=4))
-  env = {key: value for key, value in os.environ.items() if key != 'XLA_FLAGS'}  # The notebook sets its own.
-  env.update(PYTHONPATH=ROOT, TFDS_DATA_DIR=tfds_dir, JAX_PLATFORMS='cpu')
+                                  NOPEJAX_REPO=ROOT, STEPS=20, SEARCH_STEPS=4))
+  env = {key: value for key, value in os.environ.items() if key not in ('XLA_FLAGS', 'PYTHONPATH')}
+  # PIP_NO_BUILD_ISOLATION reads inverted: 0 turns the isolated build environment off.
+  env.update(TFDS_DATA_DIR=tfds_dir, JAX_PLATFORMS='cpu', PIP_NO_INDEX='1', PIP_NO_DEPS='1', PIP_NO_BUILD_ISOLATION='0')
   result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

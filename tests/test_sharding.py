@@ -12,7 +12,7 @@ from conftest import small_config
 from nopejax import optim, sharding, step as step_lib
 from nopejax.config import ConfigError
 
-# Logical axes of every parameter, and the mesh axes configs/base.py's rules send them to.
+# Logical axes of every parameter, and the mesh axes the default rules (nopejax/defaults.py) send them to.
 EXPECTED_SPECS = {
     'embed_VxD': P('tensor', 'fsdp'),
     'head_DxV': P('fsdp', 'tensor'),

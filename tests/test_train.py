@@ -23,7 +23,7 @@ def train(*args):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--config.train.stepz=5'], 'error: Unknown config key train.stepz; every key is declared in configs/base.py'),
+    (['--config.train.stepz=5'], 'error: Unknown config key train.stepz; every key is declared in nopejax/defaults.py'),
     (['--config.mesh.data=3'], 'error: mesh.data=3 mesh.fsdp=1 mesh.tensor=1 uses 3 devices but 8 are present'),
     (['--config.model.num_heads=3'], 'error: model.num_heads=3 does not divide model.embed_dim=128; change model.num_heads'),
     (['--config.model.num_kv_heads=3'], 'error: model.num_kv_heads=3 does not divide model.num_heads=4'),
@@ -39,9 +39,9 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, args, message):
 
 
 @pytest.mark.parametrize('source, message', [
-    ('from configs import base\ndef get_config(:\n  return base.get_config()\n',
+    ('from nopejax import config\ndef get_config(:\n  return config.get_config()\n',
      'fails at line 2 (SyntaxError: invalid syntax); fix it so that its get_config() returns the config.'),
-    ('from configs import base\ndef get_config():\n  return base.get_config().train.nothing\n',
+    ('from nopejax import config\ndef get_config():\n  return config.get_config().train.nothing\n',
      'fails (AttributeError: '),
 ], ids=['syntax_error', 'failing_get_config'])
 def test_a_broken_config_file_is_one_sentence(tmp_path, source, message):

@@ -1,12 +1,9 @@
 """The command line: `python -m nopejax.evaluate --workdir DIR` or `--compare DIR ... --out OUT` (see
 the package docstring). Flags are defined only when this module runs as the program, so importing
 the package (tests, notebooks, nopejax.train in the same process) defines none."""
-import logging as logging_std
 import sys
 
-from absl import logging
-
-from nopejax import config
+from nopejax import checkpoint, config, host
 from nopejax.config import ConfigError
 from nopejax.evaluate import report, workdir
 
@@ -18,9 +15,8 @@ def _fail(message, code=2):
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
-  from configs import base
   config_flags.DEFINE_config_dict(
-      'config', base.get_config(),
+      'config', config.get_config(),
       'Overrides of the run\'s saved config: eval.*, model.temperature, data.* corpus keys.',
       lock_config=True)
   flags.DEFINE_string('workdir', None, 'The run to evaluate (a pretraining or search workdir).')
@@ -35,31 +31,18 @@ def _override_keys(argv) -> list[str]:
 
 def _parse_flags(argv):
   """absl flag parsing; a bad flag or override ends in one sentence and exit code 2."""
-  from absl import flags
-  from nopejax import host
-  host.keep_cpu_buffers()  # Before jax starts.
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, SyntaxError) as e:
-    _fail(f'{" ".join(str(e).split())}; check the flag against configs/base.py.')
-
-
-class _QuietLibraries(logging_std.Filter):
-  """Keeps orbax's, grain's and tfds's per-file INFO lines out of the progress log."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or not any(
-        f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'jax', 'tensorflow_datasets'))
+  return host.parse_command_flags(argv, 'check the flag against nopejax/defaults.py.')
 
 
 def main(argv):
   from absl import flags
   FLAGS = flags.FLAGS
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  host.quiet_libraries()
   try:
     if FLAGS.compare:
       if FLAGS.workdir or _override_keys(sys.argv):
         raise ConfigError('--compare reads finished evaluations; drop --workdir and --config.* or run them separately.')
+      checkpoint.check_writable(FLAGS.out or 'eval_compare', '--out')
       report.compare(argv[1:], FLAGS.out or 'eval_compare')
       return
     if len(argv) > 1:
@@ -76,13 +59,18 @@ def main(argv):
     workdir.evaluate(FLAGS.workdir, overrides, FLAGS.out)
   except ConfigError as e:
     _fail(str(e))
+  except Exception as e:  # A write the disk refused (full, read-only) at the end: one sentence.
+    code = checkpoint.disk.refused(e)
+    if code is None:
+      raise
+    _fail(checkpoint.disk.sentence(FLAGS.out or 'the output directory', code, '--out'))
 
 
 def _check_override_keys(argv) -> None:
   # Before the flags exist: config_flags reads the overrides from sys.argv when defining them.
   for key in _override_keys(argv):
     if not config.is_declared(key):
-      _fail(f'Unknown config key {key}; every key is declared in configs/base.py, check the spelling there.')
+      _fail(f'Unknown config key {key}; every key is declared in nopejax/defaults.py, check the spelling there.')
 
 
 if __name__ == '__main__':
@@ -91,5 +79,5 @@ if __name__ == '__main__':
   try:
     _define_flags()
   except Exception as e:  # config_flags parses the overrides' types here.
-    _fail(f'{" ".join(str(e).split())}; check the --config.* flags against configs/base.py.')
+    _fail(f'{" ".join(str(e).split())}; check the --config.* flags against nopejax/defaults.py.')
   app.run(main, flags_parser=_parse_flags)
