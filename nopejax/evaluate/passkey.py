@@ -1,14 +1,9 @@
-"""Passkey retrieval (method.md, section 5): the paper's prompt at a depth, greedy decoding with a KV cache."""
-import functools
-
-import jax
-import jax.numpy as jnp
+"""Passkey retrieval (docs/method.md, section 5): the paper's prompt at a depth, greedy decoding with a KV cache."""
 import numpy as np
-from flax import nnx
 
-from nopejax import data
+from nopejax import data, generate
 
-# The paper's passkey prompt (method.md, section 5), byte for byte.
+# The paper's passkey prompt (docs/method.md, section 5), byte for byte.
 PASSKEY_INTRO = ('There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. '
                  'I will quiz you about the important information there.\n')
 PASSKEY_GARBAGE = ' The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.'
@@ -16,32 +11,8 @@ PASSKEY_NEEDLE = '\nThe pass key is {key}. Remember it. {key} is the pass key.\n
 PASSKEY_QUESTION = '\nWhat is the pass key? The pass key is'
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'steps', 'query_chunk'))
-def _greedy(graphdef, state, prompts_BxP, prompt_lengths_B, steps, query_chunk):
-  model = nnx.merge(graphdef, state)
-  B, P = prompts_BxP.shape
-  x_BxPxD, cache = model.prefill(prompts_BxP, P + steps, query_chunk)
-  x_Bx1xD = x_BxPxD[jnp.arange(B), prompt_lengths_B - 1][:, None]
-  first_B = jnp.argmax(model.head(x_Bx1xD)[:, 0], axis=-1).astype(jnp.int32)
-
-  def step(carry, _):
-    token_B, cache, index_B = carry
-    logits_BxV, cache = model.decode(token_B, cache, index_B)
-    return (jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), cache, index_B + 1), token_B
-
-  (last_B, _, _), tokens_SxB = jax.lax.scan(step, (first_B, cache, prompt_lengths_B), None, length=steps - 1)
-  return jnp.concatenate([tokens_SxB.T, last_B[:, None]], axis=1)
-
-
-def greedy_decode(model, prompts_BxP, prompt_lengths_B, steps: int, query_chunk: int) -> np.ndarray:
-  """Greedy continuation of right-padded prompts with a KV cache: tokens_BxSteps (int32).
-
-  Row b's prompt is prompts_BxP[b, :prompt_lengths_B[b]]; the padding after it is never attended.
-  One prefill over the prompts, then `steps - 1` single-token decoding steps.
-  """
-  graphdef, state = nnx.split(model)
-  return np.asarray(_greedy(graphdef, state, jnp.asarray(prompts_BxP, jnp.int32),
-                            jnp.asarray(prompt_lengths_B, jnp.int32), steps, query_chunk))
+# Greedy cached decoding is generate.py's; named here so the passkey's callers (and tests) find it.
+greedy_decode = generate.greedy_decode
 
 
 def passkey_prompt(key: int, garbage_before: int, garbage_after: int) -> str:

@@ -146,6 +146,17 @@ def write_plots(results, entropy_LxHxN, out) -> list[str]:
     ax.set(xlabel='length (tokens)', ylabel='needle depth', title='Passkey retrieval accuracy')
     fig.colorbar(image, ax=ax)
     save(fig, 'passkey.png')
+
+  if any(v is not None for by_length in results.get('ruler', {}).values() for v in by_length.values()):
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
+    for task, by_length in results['ruler'].items():
+      ax.plot(lengths, [np.nan if by_length.get(str(n)) is None else by_length[str(n)] for n in lengths], 'o-',
+              label=task)
+    _length_axes(ax, lengths, [])
+    ax.set(xlabel='length (tokens)', ylabel='accuracy', ylim=(-0.05, 1.05), title='RULER tasks')
+    _mark_lengths(ax, results)
+    ax.legend(fontsize=8)
+    save(fig, 'ruler.png')
   return written
 
 
@@ -171,6 +182,11 @@ def write_report(results, out) -> None:
     lines += ['## Passkey retrieval', '', '| | ' + ' | '.join(lengths) + ' |', '|---|' + '---|' * len(lengths),
               '| accuracy | ' + ' | '.join(_number(results['passkey'].get(n), 2) for n in lengths) + ' |', '',
               'n/a: the prompt template alone is longer than the length.', '']
+  if results.get('ruler'):
+    lines += ['## RULER tasks (accuracy)', '', '| task | ' + ' | '.join(lengths) + ' |', '|---|' + '---|' * len(lengths)]
+    lines += [f'| {task} | ' + ' | '.join(_number(by_length.get(n), 2) for n in lengths) + ' |'
+              for task, by_length in results['ruler'].items()]
+    lines += ['', 'n/a: the task\'s template alone is longer than the length.', '']
   if results['loss_by_band']:
     bands = list(results['loss_by_band'])
     lines += ['## Loss by position band (nats)', '', '| ' + ' | '.join(bands) + ' |', '|' + '---|' * len(bands),
@@ -182,6 +198,7 @@ def write_report(results, out) -> None:
       'entropy_heatmap.png': 'Entropy of each layer and head at the last position.',
       'temperature_entropy.png': 'Each head\'s searched temperature against its entropy at the last position.',
       'passkey.png': 'Passkey accuracy by needle depth and length.',
+      'ruler.png': 'Accuracy of RULER\'s synthetic tasks by length.',
   }
   lines += ['## Plots', '']
   for name in results.get('plots', []):

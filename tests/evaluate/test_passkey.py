@@ -1,15 +1,13 @@
+"""passkey.py: the paper's prompt, examples that fill a length, exact-match accuracy (the cached greedy
+decoding it calls is tested in tests/test_generate.py)."""
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from conftest import small_config
-from nopejax import data, model
+from nopejax import data
 from nopejax.evaluate import passkey
 
-# method.md, section 5, copied by hand: the test fails if the code's template drifts from the paper's.
+# docs/method.md, section 5, copied by hand: the test fails if the code's template drifts from the paper's.
 PAPER_INTRO = ('There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. '
                'I will quiz you about the important information there.\n')
 PAPER_GARBAGE = ' The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.'
@@ -58,23 +56,3 @@ def test_passkey_accuracy_counts_exact_matches_only(monkeypatch):
   assert result['by_depth'] == {'0': 1.0, '25': 0.0, '50': 0.0, '75': 0.0}
   assert result['accuracy'] == 0.25 and result['prompts'] == 12
   assert passkey.passkey(None, tokenizer, 100, keys, 5, 64) is None
-
-
-def test_greedy_decoding_with_the_cache_equals_greedy_with_full_forward_passes():
-  cfg = small_config()
-  m = model.Transformer(cfg, nnx.Rngs(3))
-  for block in m.blocks:
-    block.attention.temperature[...] = jnp.array([1.0, 1.5, 2.0, 1.2])
-  prompts = np.asarray(jax.random.randint(jax.random.key(6), (2, 11), 0, 256))
-  lengths = [7, 11]
-  generated = passkey.greedy_decode(m, prompts, lengths, steps=4, query_chunk=4)
-  # Greedy by full forward passes over a fixed-width buffer: causal, so the padding after the
-  # sequence changes no logit before it, and one compiled forward serves every step.
-  full_forward = nnx.jit(lambda m, tokens: m(tokens))
-  for row, length in enumerate(lengths):
-    buffer = np.zeros((1, 15), np.int32)
-    buffer[0, :length] = prompts[row, :length]
-    for step in range(4):
-      logits = full_forward(m, jnp.asarray(buffer))
-      buffer[0, length + step] = int(jnp.argmax(logits[0, length + step - 1]))
-    assert list(generated[row]) == list(buffer[0, length:length + 4])
