@@ -4,6 +4,7 @@ The training stream shuffles documents, tokenizes them and packs them concat-the
 windows of `data.seq_len + 1` tokens, one stream per global batch row. Its position
 (TrainBatches.get_state, JSON naming each row) goes into the model's checkpoint, so a resumed
 run, with any number of processes, sees exactly the batches an uninterrupted run would.
+Raw text shards read in place (data.dataset='files') are streams instead: streams.FileBatches.
 """
 import functools
 
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 
 from nopejax import config
-from nopejax.data import sources, tokenizers
+from nopejax.data import files, shards, sources, streams, tokenizers
 
 # Training reads one stream per batch row: one thread and a short read-ahead each (with
 # book-length documents, such as PG19's, grain's default of 500 prefetched documents would hold
@@ -27,11 +28,11 @@ def _tokenize(example, tokenizer) -> np.ndarray:
   return tokenizers.encode_document(tokenizer, text.decode('utf-8') if isinstance(text, bytes) else text)
 
 
-def _as_tokens_feature(example, tokenizer) -> dict:
-  return {'tokens': _tokenize(example, tokenizer)}
+def _as_tokens_feature(ids) -> dict:
+  return {'tokens': ids}
 
 
-def _window_to_example(window: dict, separate_documents: bool) -> dict:
+def window_to_example(window: dict, separate_documents: bool) -> dict:
   """One packed window of seq_len + 1 tokens -> the model's inputs, targets and masks.
 
   Segment id 0 marks padding (only the last eval window has any). A document continued from the
@@ -83,12 +84,16 @@ class _SlicesAsTuples(grain.IterDataset):
     return _SlicesAsTuplesIterator(iter(self._parent))
 
 
-def _packed_windows(documents: grain.MapDataset, cfg, tokenizer, read_options) -> grain.IterDataset:
-  """Tokenized documents -> concat-then-split windows of seq_len + 1 -> model examples."""
-  tokens = documents.map(functools.partial(_as_tokens_feature, tokenizer=tokenizer))
-  windows = _SlicesAsTuples(grain.experimental.ConcatThenSplitIterDataset(
-      tokens.to_iter_dataset(read_options), length_struct={'tokens': cfg.data.seq_len + 1}))
-  return windows.map(functools.partial(_window_to_example, separate_documents=cfg.data.separate_documents))
+def packed_token_windows(tokens: grain.IterDataset, cfg) -> grain.IterDataset:
+  """Documents as {'tokens': ids} -> concat-then-split windows of seq_len + 1 (grain's packing)."""
+  return _SlicesAsTuples(grain.experimental.ConcatThenSplitIterDataset(
+      tokens, length_struct={'tokens': cfg.data.seq_len + 1}))
+
+
+def _packed_windows(documents: grain.MapDataset, cfg, read_options) -> grain.IterDataset:
+  """Token id documents -> concat-then-split windows of seq_len + 1 -> model examples."""
+  windows = packed_token_windows(documents.map(_as_tokens_feature).to_iter_dataset(read_options), cfg)
+  return windows.map(functools.partial(window_to_example, separate_documents=cfg.data.separate_documents))
 
 
 def _stack_rows(rows) -> dict:
@@ -100,10 +105,9 @@ def _row_streams(cfg, documents: grain.MapDataset, rows, start: int) -> grain.It
   global batch size), so a batch holds windows of B different documents (one packed stream cut
   into rows would fill a batch with consecutive windows of one long file, and train far worse),
   and which documents a row reads does not depend on how rows are spread over processes."""
-  tokenizer = tokenizers.make_tokenizer(cfg)
   batch_size = cfg.train.batch_size
-  streams = [_packed_windows(documents[start + row::batch_size], cfg, tokenizer, _ROW_READ_OPTIONS) for row in rows]
-  return grain.experimental.ZipIterDataset(streams).map(_stack_rows)
+  row_streams = [_packed_windows(documents[start + row::batch_size], cfg, _ROW_READ_OPTIONS) for row in rows]
+  return grain.experimental.ZipIterDataset(row_streams).map(_stack_rows)
 
 
 class TrainBatches:
@@ -122,8 +126,7 @@ class TrainBatches:
   def __init__(self, cfg, rows, start: int = 0):
     self.cfg, self.rows, self.batch_size = cfg, list(rows), cfg.train.batch_size
     # Shuffle before repeat: the repeated index reaches the shuffle, which reseeds every epoch.
-    self.documents = grain.MapDataset.source(sources.load_split(cfg, cfg.data.train_split)).shuffle(
-        seed=cfg.data.shuffle_seed).repeat()
+    self.documents = token_documents(cfg, cfg.data.train_split).shuffle(seed=cfg.data.shuffle_seed).repeat()
     self._start_at(start)
 
   def _start_at(self, start: int) -> None:
@@ -155,6 +158,10 @@ class TrainBatches:
     return {'batch_size': self.batch_size, 'start': self.start, 'streams': streams}
 
   def set_state(self, state: dict) -> None:
+    if state.get('source') == 'files':
+      raise config.ConfigError(
+          "The checkpoint's data position was saved reading raw shards in place (data.dataset='files'); resume with"
+          ' the data settings it was saved with, or train the new data in a new workdir.')
     if state['batch_size'] != self.batch_size:
       return self._restart_for_new_batch_size(state)
     if state['start'] != self.start:
@@ -191,13 +198,38 @@ class TrainBatches:
                     old, self.batch_size, self.start, repeated)
 
 
-def train_iterator(cfg, rows=None) -> TrainBatches:
+def token_documents(cfg, split: str, max_tokens=None) -> grain.MapDataset:
+  """Random access to the int32 token ids (BOS first if any) of `split`'s documents, in file order.
+
+  For raw shards read in place (data.dataset='files'), an evaluation split is read from the start
+  of data.eval_files up to `max_tokens` tokens (None: all of it).
+  """
+  if cfg.data.dataset != 'files':
+    tokenizer = tokenizers.make_tokenizer(cfg)
+    return grain.MapDataset.source(sources.load_split(cfg, split)).map(functools.partial(_tokenize, tokenizer=tokenizer))
+  paths, prepared = files.file_shards(cfg, split)
+  if prepared:
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).map(shards.decode_record)
+  if split == cfg.data.train_split:
+    raise config.ConfigError(
+        'data.train_files names raw text shards, which are read as streams, not by document; prepare them with'
+        ' python -m nopejax.prepare for random access, or evaluate on data.eval_files (data.eval_split).')
+  return grain.MapDataset.source(streams.stream_documents(paths, cfg, max_tokens))
+
+
+def train_iterator(cfg, rows=None):
   """Endless, shuffled, packed batches of `data.train_split` for the global batch `rows` this
   process feeds (default all: sharding.process_rows gives them), numpy dicts (see
-  `_window_to_example`) with one row per entry of `rows`. Each process reads only the documents
+  `window_to_example`) with one row per entry of `rows`. Each process reads only the documents
   of its rows: 1/processes of the corpus per epoch, never the same document as another process
-  within an epoch. Has get_state()/set_state() for checkpoints."""
-  return TrainBatches(cfg, range(cfg.train.batch_size) if rows is None else rows)
+  within an epoch. Has get_state()/set_state() for checkpoints. Raw shards read in place give a
+  streams.FileBatches (its module doc says how it differs)."""
+  rows = range(cfg.train.batch_size) if rows is None else rows
+  if cfg.data.dataset == 'files':
+    paths, prepared = files.file_shards(cfg, cfg.data.train_split)
+    if not prepared:
+      return streams.FileBatches(cfg, paths, rows)
+  return TrainBatches(cfg, rows)
 
 
 def eval_iterator(cfg, split: str, num_batches: int, rows=None):
@@ -205,15 +237,29 @@ def eval_iterator(cfg, split: str, num_batches: int, rows=None):
   shuffling, the same every call. Row r reads documents r, r + B, ... in file order, like
   training's row streams. The documents repeat if the split runs out before num_batches."""
   rows = range(cfg.train.batch_size) if rows is None else rows
-  documents = grain.MapDataset.source(sources.load_split(cfg, split)).repeat()
+  # Raw eval shards are read up to twice the tokens the batches take (rows use documents unevenly).
+  budget = 2 * num_batches * cfg.train.batch_size * (cfg.data.seq_len + 1)
+  documents = _cached_eval_documents(cfg, split, budget).repeat()
   return iter(grain.experimental.LimitIterDataset(_row_streams(cfg, documents, rows, 0), count=num_batches))
+
+
+_eval_cache = {}
+
+
+def _cached_eval_documents(cfg, split: str, budget: int) -> grain.MapDataset:
+  """token_documents, kept per process: training evaluates the same raw eval shards every time."""
+  if cfg.data.dataset != 'files':
+    return token_documents(cfg, split)
+  key = (cfg.data.eval_files, cfg.data.train_files, cfg.data.text_key, cfg.data.tokenizer, split, budget)
+  if key not in _eval_cache:
+    _eval_cache.clear()
+    _eval_cache[key] = token_documents(cfg, split, budget)
+  return _eval_cache[key]
 
 
 def documents(cfg, split: str) -> grain.MapDataset:
   """Whole tokenized documents of `split` (int32, BOS first if any) in file order, random access."""
-  tokenizer = tokenizers.make_tokenizer(cfg)
-  source = sources.load_split(cfg, split)
-  return grain.MapDataset.source(source).map(functools.partial(_tokenize, tokenizer=tokenizer))
+  return token_documents(cfg, split)
 
 
 def global_batch(local_batch: dict, sharding: jax.sharding.Sharding, batch_size: int) -> dict:

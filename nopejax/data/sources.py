@@ -4,6 +4,8 @@
   pystdlib  every .py file of the running interpreter's standard library (bundled).
   textdir   a directory of .txt files and/or .jsonl files (local copies of PG19, proof-pile, ...).
 
+data.dataset='files' prepares nothing: its shards are read in place (files.file_shards).
+
 Documents go to train/validation/test by the md5 of their name, so adding files never moves
 existing documents between splits. A prepared textdir copy records the files it was prepared
 from and refuses to serve a directory changed since. Paths (data.text_dir, data.tfds_dir) may
@@ -26,9 +28,10 @@ from etils import epath
 import tensorflow_datasets as tfds
 
 from nopejax import config, paths
+from nopejax.data import files, prepared
 
 SPLITS = ('train', 'validation', 'test')
-DATASETS = ('pystdlib', 'textdir')
+DATASETS = ('pystdlib', 'textdir', 'files')
 # Percent buckets of md5(name) % 100 for each split.
 _SPLIT_BUCKETS = {'train': (0, 90), 'validation': (90, 95), 'test': (95, 100)}
 _TEXT_SUFFIXES = ('.txt', '.jsonl')
@@ -290,37 +293,47 @@ def _builder(cfg, data_dir=None):
       f'data.dataset={cfg.data.dataset!r} is not one of {DATASETS}; pick one of those.')
 
 
-_SOURCE_FILE = 'nopejax_source.json'  # Beside a prepared textdir copy: the files it was prepared from.
+_SOURCE_FILE = 'nopejax_source.json'  # Beside a prepared textdir copy: the fingerprint of its files.
 _checked_sources = set()
 
 
-def _source_files(cfg) -> list:
-  """[name, size] of every file of data.text_dir, to notice files changed after preparation."""
-  root = paths.resolve(cfg.data.text_dir)
-  return [[path.relative_to(root).as_posix(), path.stat().length] for path in _text_files(root)]
-
-
 def _check_source(cfg, builder) -> None:
-  """A prepared textdir copy must come from the files data.text_dir holds now (once per process)."""
+  """A prepared textdir copy must come from the files data.text_dir holds now: names, sizes and
+  bytes (prepared.fingerprint says what that costs); once per process."""
   if cfg.data.dataset != 'textdir' or builder.data_dir in _checked_sources:
     return
   record = epath.Path(builder.data_dir) / _SOURCE_FILE
-  now = _source_files(cfg)
-  if record.exists():
-    then = json.loads(record.read_text())
-    if then != now:
-      changed = sorted({tuple(f) for f in then} ^ {tuple(f) for f in now})
-      raise config.ConfigError(
-          f'data.text_dir={cfg.data.text_dir!r} changed since it was prepared into {builder.data_dir} (first'
-          f' difference: {changed[0][0]}); delete {builder.data_dir} to prepare it again, or restore the files.')
-  else:
-    record.write_text(json.dumps(now))
+  root = paths.resolve(cfg.data.text_dir)
+  then = prepared.read_record(record)
+  now = prepared.fingerprint(root, _text_files(root), then)
+  changed = [] if then is None else prepared.changed_files(then, now)
+  if changed:
+    raise config.ConfigError(
+        f'data.text_dir={cfg.data.text_dir!r} changed since it was prepared into {builder.data_dir} (first'
+        f' difference: {changed[0]}); delete {builder.data_dir} to prepare it again, or restore the files.')
+  if now != then:  # New, or mtimes moved: record them, so the next start reads none of those files.
+    try:
+      prepared.write_record(record, now)
+    except OSError:  # A read-only copy: those files are read again at each start.
+      if then is None:
+        raise
   _checked_sources.add(builder.data_dir)
 
 
 def _prepared_builder(cfg):
-  builder, download_config = _builder(cfg)
+  builder, _ = _builder(cfg)
   _let_tfds_spill_without_tensorflow()
+  if not builder.is_prepared():
+    # One process prepares; any other started at once waits, then finds the copy prepared.
+    with prepared.one_at_a_time(builder.data_dir):
+      builder = _prepare(cfg)
+      _check_source(cfg, builder)  # Its files' fingerprint is written before the lock goes.
+  _check_source(cfg, builder)
+  return builder
+
+
+def _prepare(cfg):
+  builder, download_config = _builder(cfg)  # Afresh: another process may have prepared it meanwhile.
   if paths.is_url(builder.data_dir) and not builder.is_prepared():
     # array_record writes only local files: prepare on local disk, then copy the result up.
     with tempfile.TemporaryDirectory(prefix='nopejax-tfds-') as staging:
@@ -330,15 +343,20 @@ def _prepared_builder(cfg):
     builder = _builder(cfg)[0]
   else:
     builder.download_and_prepare(download_config=download_config)  # Returns at once when prepared.
-  _check_source(cfg, builder)
   return builder
 
 
 def prepare(cfg) -> str:
-  """Prepares the corpus `cfg.data` names if not prepared yet; returns its directory.
+  """Prepares the corpus `cfg.data` names if not prepared yet; returns its directory ('' for
+  shards read in place, whose globs are checked instead).
 
   With several processes sharing `data.tfds_dir`, call this on one process first.
   """
+  if cfg.data.dataset == 'files':
+    files.file_shards(cfg, cfg.data.train_split)
+    if cfg.train.eval_every:  # Found now, not at the first evaluation hours later.
+      files.file_shards(cfg, cfg.data.eval_split)
+    return ''
   return os.fspath(_prepared_builder(cfg).data_dir)
 
 
@@ -351,10 +369,13 @@ def load_split(cfg, split: str):
   if split not in SPLITS:
     raise config.ConfigError(
         f'Split {split!r} (data.train_split / data.eval_split) is not one of {SPLITS}; pick one.')
+  if cfg.data.dataset == 'files':
+    raise config.ConfigError("data.dataset='files' has no tfds split to load; read it with pipeline.token_documents.")
   builder = _prepared_builder(cfg)
   # tfds cannot write an empty split, so _nonempty_splits left it out.
   if split not in builder.info.splits or builder.info.splits[split].num_examples == 0:
     raise config.ConfigError(
         f'data.text_dir={cfg.data.text_dir!r} has no documents in the {split!r} split; add'
         f' documents (or a {split}/ subdirectory) there, or evaluate on another split.')
+  prepared.check_shards(builder, split)
   return builder.as_data_source(split=split)

@@ -1,15 +1,20 @@
 """Tests for nopejax.data.sources: the pystdlib and textdir corpora, their splits and their errors."""
+import concurrent.futures
 import hashlib
 import json
+import os
 import pathlib
+import socket
+import subprocess
 import sysconfig
+import time
 
 import pytest
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from corpus_files import make_cfg, write_files
 from nopejax import data
-from nopejax.data import sources
+from nopejax.data import prepared, sources
 
 
 def split_names(cfg, split):
@@ -130,3 +135,64 @@ def test_corpus_changed_after_preparation_is_refused(tmp_path, tfds_dir, monkeyp
   with pytest.raises(ValueError, match=r'data.text_dir=.* changed since it was prepared into .* \(first difference:'
                                        r' train/b.txt\); delete .* to prepare it again, or restore the files'):
     data.load_split(cfg, 'train')
+
+
+def test_a_file_edited_in_place_with_its_size_kept_is_noticed(tmp_path, tfds_dir, monkeypatch):
+  text_dir = write_files(tmp_path / 'edited', {'train/a.txt': 'first', 'train/b.txt': 'second'})
+  cfg = make_cfg(tfds_dir, dataset='textdir', text_dir=text_dir)
+  assert len(data.load_split(cfg, 'train')) == 2
+  time.sleep(0.05)  # Past the file system's timestamp granularity.
+  (tmp_path / 'edited' / 'train' / 'b.txt').write_text('SECOND')
+  monkeypatch.setattr(sources, '_checked_sources', set())
+  with pytest.raises(ValueError, match=r'changed since it was prepared into .* \(first difference: train/b.txt\)'):
+    data.load_split(cfg, 'train')
+  # Restored (a new mtime, the old bytes): served again.
+  (tmp_path / 'edited' / 'train' / 'b.txt').write_text('second')
+  assert len(data.load_split(cfg, 'train')) == 2
+
+
+def test_a_deleted_shard_is_one_sentence_naming_it(tmp_path):
+  cfg = make_cfg(str(tmp_path / 'tfds'), dataset='textdir',
+                 text_dir=write_files(tmp_path / 'corpus', {'train/a.txt': 'first', 'train/b.txt': 'second'}))
+  builder = sources._prepared_builder(cfg)
+  shard = builder.info.splits['train'].filepaths[0]
+  os.remove(shard)
+  with pytest.raises(ValueError, match=rf'The prepared shard {shard} is missing .*; delete {builder.data_dir} to '
+                                       'prepare it again.'):
+    data.load_split(cfg, 'train')
+
+
+def _counting_preparations(monkeypatch):
+  prepared_count = []
+  generators = sources.Textdir._split_generators
+  monkeypatch.setattr(sources.Textdir, '_split_generators',
+                      lambda self, dl_manager: prepared_count.append(1) or generators(self, dl_manager))
+  monkeypatch.setattr(prepared, 'POLL_SECONDS', 0.05)
+  return prepared_count
+
+
+def test_a_second_preparation_at_once_waits_for_the_first_and_reuses_it(tmp_path, monkeypatch):
+  cfg = make_cfg(str(tmp_path / 'tfds'), dataset='textdir',
+                 text_dir=write_files(tmp_path / 'corpus', {'train/a.txt': 'first', 'train/b.txt': 'second'}))
+  preparations = _counting_preparations(monkeypatch)
+  builder, download_config = sources._builder(cfg)
+  with concurrent.futures.ThreadPoolExecutor(1) as second:
+    with prepared.one_at_a_time(builder.data_dir):  # The first process, preparing.
+      waiting = second.submit(data.load_split, cfg, 'train')
+      time.sleep(0.5)
+      assert not waiting.done()
+      builder.download_and_prepare(download_config=download_config)
+    assert len(waiting.result(timeout=120)) == 2
+  assert len(preparations) == 1 and not os.path.exists(f'{builder.data_dir}.preparing')
+
+
+def test_the_lock_of_a_preparation_that_died_is_taken_over(tmp_path, monkeypatch):
+  cfg = make_cfg(str(tmp_path / 'tfds'), dataset='textdir',
+                 text_dir=write_files(tmp_path / 'corpus', {'train/a.txt': 'first', 'train/b.txt': 'second'}))
+  preparations = _counting_preparations(monkeypatch)
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  lock = pathlib.Path(f'{sources._builder(cfg)[0].data_dir}.preparing')
+  lock.parent.mkdir(parents=True)
+  lock.write_text(f'{socket.gethostname()} {dead.pid}')
+  assert len(data.load_split(cfg, 'train')) == 2 and len(preparations) == 1 and not lock.exists()
