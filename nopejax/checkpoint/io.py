@@ -6,14 +6,17 @@ A checkpoint step holds four items:
   opt    the optimizer state of the trainable partition;
   data   the training data's position (JSON, one entry per global batch row), so a resumed run
          sees the same batches, with any number of processes;
-  meta   JSON: step, kind ('pretrain' or 'search'), the model's shape, and the base run.
+  meta   JSON: step, kind ('pretrain' or 'search'), train.trainable, the model's shape and
+         temperature schedule, and the base run: checked against the config before any array is read.
 A weights-only checkpoint (meta `weights_only`, e.g. a converted Hugging Face model) holds only
 model and meta: training resumed from it starts a fresh optimizer and data stream at its step.
 """
+import contextlib
 import hashlib
 import json
 import logging as logging_std
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -23,27 +26,16 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from nopejax import config, optim, paths, step as step_lib
+from nopejax import optim, paths, step as step_lib
+from nopejax.checkpoint import reads
+from nopejax.checkpoint.meta import (  # noqa: F401 (public here)
+    ARCHITECTURE_DEFAULTS, SHAPE_KEYS, check_resume, check_schedule, check_shape, is_search, model_shape, schedule_of)
+from nopejax.checkpoint.reads import DamagedCheckpoint, UnreadableCheckpoint  # noqa: F401 (public here)
 from nopejax.config import ConfigError
 from nopejax.model import Temperature, TemperatureSlope
 
-SHAPE_KEYS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim')
-# Keys that change what the same arrays compute; a checkpoint's meta that lacks one had its default.
-ARCHITECTURE_DEFAULTS = {'position': 'nope', 'rope_theta': 10000.0, 'tie_embeddings': False}
-
-
-def model_shape(cfg) -> dict:
-  shape = {key: cfg.model[key] for key in SHAPE_KEYS + tuple(ARCHITECTURE_DEFAULTS)}
-  shape['head_dim'] = config.head_dim(cfg)
-  return shape
-
-
 def checkpoint_dir(workdir) -> epath.Path:
   return paths.resolve(workdir) / 'checkpoints'
-
-
-class DamagedCheckpoint(ConfigError):
-  """A checkpoint step whose files cannot be read back (a resume falls back past it)."""
 
 
 def _manager(workdir, options):
@@ -113,31 +105,15 @@ def latest_step(workdir) -> int | None:
   return steps[-1] if steps else None
 
 
+def step_dir(workdir, step) -> epath.Path:
+  return checkpoint_dir(workdir) / str(step)
+
+
 def read_meta(workdir, step) -> dict:
-  with _reader(workdir) as mgr:
-    try:
+  def read():
+    with _reader(workdir) as mgr:
       return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    except Exception as e:  # Orbax raises many types for unreadable files.
-      raise DamagedCheckpoint(
-          f'The checkpoint at {checkpoint_dir(workdir)}/{step} cannot be read ({type(e).__name__}); '
-          'delete that step directory to fall back to an older one, or use another --workdir.') from None
-
-
-def check_shape(meta, cfg, where) -> None:
-  """A checkpoint must hold a model of the configured shape; name the first key that differs."""
-  ours = model_shape(cfg)
-  for key in ours:
-    theirs = meta['model'].get(key, ARCHITECTURE_DEFAULTS.get(key))
-    if key == 'rope_theta' and ours['position'] != 'rope':
-      continue  # Unused without RoPE.
-    if theirs != ours[key]:
-      raise ConfigError(
-          f'{where} holds a model with model.{key}={theirs} but the config asks for {ours[key]}; '
-          f'set --config.model.{key}={theirs} or use another directory.')
-
-
-def _is_search(cfg):
-  return cfg.train.trainable == 'temperature'
+  return reads.read(step_dir(workdir, step), read)
 
 
 def _merged_over_processes(local: dict) -> dict:
@@ -159,11 +135,10 @@ def save(manager, state, data_iterator, cfg, base=None) -> None:
 
   Every process calls it at the same step: each contributes its batch rows' data position."""
   model_state = step_lib.model_state(state)
-  saved = nnx.filter_state(model_state, Temperature) if _is_search(cfg) else model_state
+  saved = nnx.filter_state(model_state, Temperature) if is_search(cfg) else model_state
   step = int(state['step'])
-  meta = {'step': step, 'kind': 'search' if _is_search(cfg) else 'pretrain', 'model': model_shape(cfg), 'base': base,
-          'temperature_schedule': cfg.model.temperature_schedule, 'temperature_octaves': cfg.model.temperature_octaves,
-          'temperature_octave_shape': cfg.model.temperature_octave_shape}
+  meta = {'step': step, 'kind': 'search' if is_search(cfg) else 'pretrain', 'model': model_shape(cfg), 'base': base,
+          'trainable': cfg.train.trainable, **schedule_of(cfg)}
   data_position = data_iterator.get_state()
   data_position['streams'] = _merged_over_processes(data_position['streams'])
   manager.save(step, args=ocp.args.Composite(
@@ -176,7 +151,8 @@ def save(manager, state, data_iterator, cfg, base=None) -> None:
 def save_weights(workdir, cfg, model_state, step=0) -> None:
   """A weights-only checkpoint of `model_state` (any sharding) at `step`: what `load`, a search's
   `search.base` and evaluation read, and what training resumes from with a fresh optimizer."""
-  meta = {'step': step, 'kind': 'pretrain', 'model': model_shape(cfg), 'base': None, 'weights_only': True}
+  meta = {'step': step, 'kind': 'pretrain', 'model': model_shape(cfg), 'base': None, 'weights_only': True,
+          **schedule_of(cfg)}
   with make_manager(workdir, cfg) as manager:
     manager.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(nnx.to_pure_dict(model_state)), meta=ocp.args.JsonSave(meta)))
@@ -187,9 +163,41 @@ def save_weights(workdir, cfg, model_state, step=0) -> None:
 # event loop (Python prints each as an unraisable 'Event loop is closed' traceback) and orbax's
 # other read tasks end with exceptions nobody retrieves (asyncio logs each). The damaged
 # checkpoint is reported in one sentence; these echoes of it, and only these, are dropped.
-def _ignore_late_callbacks_of_failed_reads(unraisable, previous=sys.unraisablehook):
+# The callbacks land within milliseconds after the failure is raised, so the hook stays this long after one.
+ECHO_GRACE_S = 2.0
+_echoes = {'depth': 0, 'previous': None}  # Restores in flight or in their grace; the hook ours replaced.
+_echoes_lock = threading.Lock()
+
+
+def _drop_late_callbacks(unraisable):
   if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'):
-    previous(unraisable)
+    _echoes['previous'](unraisable)
+
+
+def _count_echo_window(change: int) -> None:
+  """Installs _drop_late_callbacks as the first window opens and puts the hook it replaced back as the
+  last one closes (unless something else replaced it meanwhile)."""
+  with _echoes_lock:
+    if change > 0 and _echoes['depth'] == 0:
+      _echoes['previous'], sys.unraisablehook = sys.unraisablehook, _drop_late_callbacks
+    _echoes['depth'] += change
+    if _echoes['depth'] == 0 and sys.unraisablehook is _drop_late_callbacks:
+      sys.unraisablehook = _echoes['previous']
+
+
+@contextlib.contextmanager
+def _late_callbacks_of_failed_reads_ignored():
+  """Within, and for ECHO_GRACE_S after a failure: those tracebacks are dropped; any other goes on to
+  the hook replaced, which is back afterwards."""
+  _count_echo_window(+1)
+  try:
+    yield
+  except BaseException:
+    closing = threading.Timer(ECHO_GRACE_S, _count_echo_window, (-1,))
+    closing.daemon = True
+    closing.start()
+    raise
+  _count_echo_window(-1)
 
 
 class _UnretrievedOrbaxReads(logging_std.Filter):
@@ -198,17 +206,19 @@ class _UnretrievedOrbaxReads(logging_std.Filter):
     return not (message.startswith('Task exception was never retrieved') and 'orbax' in message)
 
 
+@_late_callbacks_of_failed_reads_ignored()  # Each call enters a fresh one.
 def _restore_items(workdir, step, **items):
-  sys.unraisablehook = _ignore_late_callbacks_of_failed_reads
   if not any(isinstance(f, _UnretrievedOrbaxReads) for f in logging_std.getLogger('asyncio').filters):
     logging_std.getLogger('asyncio').addFilter(_UnretrievedOrbaxReads())
-  with _reader(workdir) as mgr:
-    try:
+  where = step_dir(workdir, step)
+  for name, arg in items.items():  # The trees first, from their metadata: a config's mismatch is no damage.
+    if isinstance(arg, ocp.args.StandardRestore):
+      reads.check_tree(where, name, reads.read(where, lambda name=name: reads.stored_shapes(where / name)), arg.item)
+
+  def read():
+    with _reader(workdir) as mgr:
       return mgr.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:
-      raise DamagedCheckpoint(
-          f'The checkpoint at {checkpoint_dir(workdir)}/{step} does not fit this model or is damaged '
-          f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); use a matching config or another --workdir.') from None
+  return reads.read(where, read)
 
 
 def _zero_slopes(abstract_model_state):
@@ -220,16 +230,37 @@ def _zero_slopes(abstract_model_state):
   return jax.tree.map(zero, abstract_model_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
+def restore_newest_model(workdir, cfg, abstract_model_state):
+  """(model state, step) of the newest step in `workdir` that reads back whole. A damaged newer step
+  is passed over with a warning and left where it is: evaluation and export only read a workdir
+  (the next resume sets it aside). When no step reads back, the newest one's damage is the error."""
+  steps = all_steps(workdir)
+  if not steps:
+    raise ConfigError(f'{workdir} holds no checkpoint; train there first or point to a directory that has one.')
+  damaged = []
+  for step in reversed(steps):
+    try:
+      state = restore_model(workdir, cfg, abstract_model_state, step)
+    except DamagedCheckpoint as e:
+      damaged.append(e)
+      continue
+    for error in damaged:
+      logging.warning('%s Using step %d instead.', error, step)
+    return state, step
+  raise damaged[0]
+
+
 def restore_model(workdir, cfg, abstract_model_state, step=None):
-  """The full model state saved in `workdir`, laid out as `abstract_model_state` says (any mesh).
+  """The full model state saved in `workdir` at `step` (default: restore_newest_model's), laid out
+  as `abstract_model_state` says (any mesh).
 
   A search run's checkpoint holds only temperatures: its weights come from its base run.
   """
-  step = latest_step(workdir) if step is None else step
   if step is None:
-    raise ConfigError(f'{workdir} holds no checkpoint; train there first or point to a directory that has one.')
+    return restore_newest_model(workdir, cfg, abstract_model_state)[0]
   meta = read_meta(workdir, step)
   check_shape(meta, cfg, f'The checkpoint in {workdir}')
+  check_schedule(meta, cfg, f'The checkpoint at {step_dir(workdir, step)}', resume=False)
   octaves = meta.get('temperature_octaves', 1)  # A meta without the key: one slope per head.
   if meta.get('temperature_schedule') == 'log' == cfg.model.temperature_schedule and octaves != cfg.model.temperature_octaves:
     raise ConfigError(f'The checkpoint in {workdir} holds {octaves} log-schedule slope(s) per head but the config asks '
@@ -267,11 +298,7 @@ def restore(workdir, cfg, graphdef, abstract_state, data_iterator, step):
   """Resumes a run in `workdir`: (train state, meta); fills `data_iterator` with its saved position."""
   meta = read_meta(workdir, step)
   check_shape(meta, cfg, f'The checkpoint in {workdir}')
-  kind = 'search' if _is_search(cfg) else 'pretrain'
-  if meta['kind'] != kind:
-    raise ConfigError(
-        f'{workdir} holds a {meta["kind"]} run but the config describes a {kind} run; '
-        'set train.trainable to match or use another --workdir.')
+  check_resume(meta, cfg, f'The checkpoint at {step_dir(workdir, step)}')
   model_state = restore_model(workdir, cfg, step_lib.model_state(abstract_state), step)
   params, frozen = step_lib.split_model_state(cfg, graphdef, model_state)
   step_sharding = abstract_state['step'].sharding
@@ -292,7 +319,9 @@ def restore_newest(workdir, cfg, graphdef, abstract_state, data_iterator):
   """Resumes from the newest checkpoint that reads back whole: (state, meta, step), or None when
   the workdir has none. Damaged newer steps are renamed STEP.damaged (kept for a look, out of
   orbax's way) with a warning; when no step reads back, nothing is renamed and the newest one's
-  problem is the error (a config that does not fit fails every step alike)."""
+  damage is the error. A step that does not match the config, or that storage would not hand over
+  (reads.UnreadableCheckpoint), stops the run in one sentence with nothing renamed: falling back
+  past it would roll the run back."""
   steps = all_steps(workdir)
   damaged = []
   for step in reversed(steps):

@@ -14,7 +14,8 @@ PROGRAM = 'python -m nopejax.convert'
 
 def _from_hf_flags() -> flags.FlagValues:
   values = flags.FlagValues()
-  flags.DEFINE_string('hf_dir', None, 'The Hugging Face Llama directory (config.json and safetensors).', flag_values=values)
+  flags.DEFINE_string('hf_dir', None, 'The Hugging Face Llama or SmolLM3 directory (config.json and safetensors).',
+                      flag_values=values)
   flags.DEFINE_string('workdir', None, 'The new nopejax workdir, local or gs://.', flag_values=values)
   flags.DEFINE_bool('nope', False, 'The checkpoint is NoPE: drop the rotary embedding (its config.json cannot say so).',
                     flag_values=values)
@@ -28,17 +29,20 @@ def _to_hf_flags() -> flags.FlagValues:
   values = flags.FlagValues()
   flags.DEFINE_string('workdir', None, 'The nopejax workdir (pretrain or search) whose latest model to write.',
                       flag_values=values)
-  flags.DEFINE_string('hf_dir', None, 'The new Hugging Face Llama directory.', flag_values=values)
+  flags.DEFINE_string('hf_dir', None, 'The new Hugging Face directory.', flag_values=values)
   flags.DEFINE_string('dtype', 'auto', "Stored dtype: float32, bfloat16, float16, or auto (the source checkpoint's, "
                       'else float32).', flag_values=values)
   flags.DEFINE_bool('fold_temperatures', False,
                     'Multiply q_proj by the temperatures instead of writing scale_param: a plain Llama.', flag_values=values)
   flags.DEFINE_float('max_shard_mb', 4096, 'Largest safetensors file, MiB.', flag_values=values)
+  flags.DEFINE_string('layout', 'auto', "smollm3 (per-layer no_rope_layers, temperatures folded: loads unpatched), "
+                      "llama (the paper's NoPE Llama, scale_param) or auto (smollm3 unless every layer uses RoPE).",
+                      flag_values=values)
   return values
 
 
-COMMANDS = {'from-hf': (_from_hf_flags, 'a Hugging Face Llama directory -> a new nopejax workdir'),
-            'to-hf': (_to_hf_flags, 'a nopejax workdir (pretrain or search) -> a Hugging Face Llama directory')}
+COMMANDS = {'from-hf': (_from_hf_flags, 'a Hugging Face Llama or SmolLM3 directory -> a new nopejax workdir'),
+            'to-hf': (_to_hf_flags, 'a nopejax workdir (pretrain or search) -> a Hugging Face SmolLM3 or Llama directory')}
 
 
 def _parse(command, args) -> flags.FlagValues:
@@ -64,10 +68,11 @@ def _run(command, values) -> None:
     return
   if values.max_shard_mb <= 0:
     raise ConfigError(f'--max_shard_mb {values.max_shard_mb} must be positive; pass e.g. 4096.')
-  summary = hf.to_hf_dir(values.workdir, values.hf_dir, values.dtype, values.fold_temperatures, values.max_shard_mb)
+  summary = hf.to_hf_dir(values.workdir, values.hf_dir, values.dtype, values.fold_temperatures, values.max_shard_mb,
+                         values.layout)
   how = 'scale_param' if summary['scale_param'] else 'folded into q_proj' if summary['folded'] else 'none (all 1)'
-  print(f'Wrote {summary["hf_dir"]}: {summary["tensors"]} tensors in {summary["files"]} file(s), '
-        f'position {summary["position"]}, temperatures: {how}.')
+  print(f'Wrote {summary["hf_dir"]}: {summary["layout"]} layout, {summary["tensors"]} tensors in {summary["files"]} '
+        f'file(s), position {summary["position"]}, temperatures: {how}.')
 
 
 def main(argv=None) -> int:
@@ -88,7 +93,17 @@ def main(argv=None) -> int:
       for name in values:
         print(f'  --{name}: {values[name].help} (default: {values[name].default})')
       return 0
-    _run(command, _parse(command, args))
+    values = _parse(command, args)
+    try:
+      _run(command, values)
+    except Exception as e:  # A write the disk refused (full, read-only): one sentence, not a traceback.
+      from nopejax.checkpoint import disk
+      code = None if isinstance(e, ConfigError) else disk.refused(e)
+      if code is None:
+        raise
+      out, flag = (values.workdir, '--workdir') if command == 'from-hf' else (values.hf_dir, '--hf_dir')
+      raise ConfigError(disk.sentence(out, code, flag, then=f', so {out} is incomplete (delete it before the '
+                                      'next try)')) from None
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

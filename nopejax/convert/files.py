@@ -18,6 +18,8 @@ from nopejax.config import ConfigError
 FLOAT_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16}
 INDEX_FILE = 'model.safetensors.index.json'
 SINGLE_FILE = 'model.safetensors'
+# How a file cloned without git-lfs begins: a pointer in place of the weights.
+_LFS_POINTER = b'version https://git-lfs.github.com/spec/'
 
 
 class SafetensorsFile:
@@ -27,11 +29,15 @@ class SafetensorsFile:
   def __init__(self, path):
     self.path = path
     try:
+      with open(path, 'rb') as f:
+        if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+          raise ConfigError(f'{path} is a Git LFS pointer, not the weights it points to; run git lfs pull in '
+                            f'{os.path.dirname(path) or "."} (or download with huggingface-cli download).')
       with safetensors.safe_open(path, framework='numpy') as f:
         self.tensors = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
-    except (OSError, safetensors.SafetensorError) as e:
+    except (OSError, MemoryError, safetensors.SafetensorError) as e:  # MemoryError: a header length of garbage.
       raise ConfigError(f'{path} is not a safetensors file, or is truncated or damaged ({type(e).__name__}: {e}); '
-                        'download it again.') from e
+                        'download it again.') from None
 
   def read(self, name) -> np.ndarray:
     """The tensor as a numpy array of its stored dtype (bfloat16 as ml_dtypes.bfloat16)."""
@@ -54,8 +60,11 @@ def checkpoint_files(hf_dir) -> dict:
   index_path = os.path.join(hf_dir, INDEX_FILE)
   single_path = os.path.join(hf_dir, SINGLE_FILE)
   if os.path.exists(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f)['weight_map']
+    try:
+      with open(index_path) as f:
+        weight_map = json.load(f)['weight_map']
+    except (ValueError, KeyError, TypeError) as e:
+      raise ConfigError(f'{index_path} is not a safetensors index ({type(e).__name__}: {e}); download it again.') from None
     files = {name: SafetensorsFile(os.path.join(hf_dir, name)) for name in sorted(set(weight_map.values()))}
     located = {name: files[file_name] for name, file_name in weight_map.items()}
   elif os.path.exists(single_path):

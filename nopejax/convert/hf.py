@@ -9,9 +9,11 @@ Per-head scales stored as `model.layers.{i}.self_attn.scale_param` (the authors'
 models) become the temperatures: their code multiplies q by scale_param / sqrt(head_dim) and then
 runs attention with scale 1, which is nopejax's q * c_h followed by the usual 1 / sqrt(d).
 
-to_hf_dir writes config.json and safetensors a Llama of transformers loads; temperatures other
-than 1 are written as scale_param (the published head-scale format), or folded into q_proj with
-fold_temperatures so that a plain LlamaForCausalLM computes the same model.
+to_hf_dir writes config.json and safetensors that transformers loads with no custom code: a NoPE
+or hybrid model as a SmolLM3 (smollm3.py: per-layer `no_rope_layers`, temperatures folded into
+q_proj), a RoPE model as a Llama. layout='llama' writes a NoPE model as the paper's Llama, its
+temperatures as scale_param (the published head-scale format) or folded with fold_temperatures.
+SmolLM3 directories (from_hf) come in as NoPE, RoPE or hybrid models.
 """
 import json
 import math
@@ -24,7 +26,7 @@ from etils import epath
 
 from nopejax import config
 from nopejax.config import ConfigError
-from nopejax.convert import files
+from nopejax.convert import files, smollm3
 from nopejax.convert.layout import (
     IGNORED_SUFFIXES, at, config_from_hf, hf_config_of, hf_layout, hf_shape, is_temperature, to_hf, to_nopejax)
 
@@ -34,8 +36,11 @@ SOURCE_FILE = 'hf_source.json'  # In a converted workdir: the source directory, 
 
 
 def _read_json(path):
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:  # Cut off by an interrupted download, or not JSON at all.
+    raise ConfigError(f'{path} is not valid JSON ({e}); download it again.') from None
 
 
 def _check_tensors(cfg, layout, shapes, located, hf_dir):
@@ -137,6 +142,7 @@ def from_hf(hf_dir, workdir, nope=False, tokenizer=None, compute_dtype='float32'
   if tokenizer not in ('', 'byte') and not os.path.isfile(tokenizer):
     raise ConfigError(f"--tokenizer {tokenizer} is not a file; pass a SentencePiece .model file or 'byte'.")
   out = epath.Path(workdir)  # The workdir may be a gs:// URL; the Hugging Face directory is local.
+  checkpoint.check_writable(workdir)
   if out.exists() and any(out.iterdir()):
     raise ConfigError(f'--workdir {workdir} exists and is not empty; convert into a new directory.')
   state, dtypes = read_hf_state(cfg, hf_dir, conversion_mesh(cfg))  # Raises before anything is written.
@@ -162,12 +168,16 @@ def _source_of(workdir, cfg):
   return None
 
 
-def to_hf_dir(workdir, hf_dir, dtype='auto', fold_temperatures=False, max_shard_mb=4096) -> dict:
-  """Writes the latest model of a workdir (pretrain or search) as a Hugging Face Llama directory."""
+def to_hf_dir(workdir, hf_dir, dtype='auto', fold_temperatures=False, max_shard_mb=4096, layout='auto') -> dict:
+  """Writes the latest model of a workdir (pretrain or search) as a Hugging Face directory: a SmolLM3
+  (layout 'smollm3', temperatures folded into q_proj) or a Llama ('llama'); 'auto': smollm3 unless
+  every layer uses RoPE (smollm3.resolve_layout)."""
   import jax
   from flax import nnx
   import nopejax
 
+  from nopejax import checkpoint
+  checkpoint.check_writable(hf_dir, '--hf_dir')
   if os.path.exists(hf_dir) and os.listdir(hf_dir):
     raise ConfigError(f'--hf_dir {hf_dir} exists and is not empty; write into a new directory.')
   if dtype != 'auto' and dtype not in DTYPES:
@@ -178,6 +188,14 @@ def to_hf_dir(workdir, hf_dir, dtype='auto', fold_temperatures=False, max_shard_
     # transformers' Llama would load the weights and silently attend without the bias or the scaling.
     raise ConfigError(f'{workdir} uses model.position={m.position}, rope_scaling={m.rope_scaling}, logn={m.logn}, '
                       f'llama4_scaling={m.llama4_scaling}; only plain NoPE and RoPE models export to Llama.')
+  if m.temperature_schedule != 'constant':
+    # A Llama (and scale_param) holds one scale per head: the log schedule's slopes and octaves, or
+    # ssmax's growth with ln i, would be dropped and the model would attend differently past L.
+    raise ConfigError(f"{workdir} uses model.temperature_schedule={m.temperature_schedule!r}, whose temperatures "
+                      "change with position, but a Llama holds one constant scale per head; export a run searched "
+                      "with model.temperature_schedule='constant', or evaluate this one with python -m nopejax.evaluate.")
+  architecture = smollm3.resolve_layout(cfg, layout, workdir)  # ('layout' below: the tensors' names.)
+  fold_temperatures = fold_temperatures or architecture == 'smollm3'  # SmolLM3 has no place for scale_param.
   source = _source_of(workdir, cfg)
   source_dtypes = (source or {}).get('dtypes', {})
   pure = nnx.to_pure_dict(nnx.state(model))
@@ -215,12 +233,14 @@ def to_hf_dir(workdir, hf_dir, dtype='auto', fold_temperatures=False, max_shard_
       hf_dir, names_and_bytes, lambda name: hf_float32(path_of[name]).astype(dtypes[path_of[name]]), max_shard_mb)
   matrix_dtypes = {str(dtypes[p]) for p in paths if not is_temperature(p)}
   with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
-    json.dump(hf_config_of(cfg, source, matrix_dtypes.pop() if len(matrix_dtypes) == 1 else 'float32'), f,
+    config_of = smollm3.hf_config_of if architecture == 'smollm3' else hf_config_of
+    json.dump(config_of(cfg, source, matrix_dtypes.pop() if len(matrix_dtypes) == 1 else 'float32'), f,
               indent=2, sort_keys=True)
     f.write('\n')
   _copy_tokenizer(cfg, source, hf_dir)
   return {'hf_dir': hf_dir, 'tensors': len(paths), 'files': file_count, 'scale_param': with_scale_param,
-          'folded': fold_temperatures, 'position': cfg.model.position}
+          'folded': fold_temperatures, 'position': cfg.model.position,
+          'layout': architecture}
 
 
 _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json')

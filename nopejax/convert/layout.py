@@ -1,9 +1,10 @@
-"""The one mapping between a Hugging Face Llama and a nopejax model: tensor names and layouts, and
-the two configs (config.json <-> the nopejax config)."""
+"""The one mapping between a Hugging Face Llama (or SmolLM3, the same tensors: smollm3.py) and a
+nopejax model: tensor names and layouts, and the two configs (config.json <-> the nopejax config)."""
 import numpy as np
 
 from nopejax import config
 from nopejax.config import ConfigError
+from nopejax.convert import smollm3
 
 
 def hf_layout(cfg) -> dict:
@@ -79,12 +80,23 @@ def at(tree, path):
 
 
 def config_from_hf(hf_config: dict, nope: bool, hf_dir: str):
-  """The nopejax config of a Hugging Face Llama config.json; one ConfigError for what it cannot express."""
+  """The nopejax config of a Hugging Face Llama or SmolLM3 config.json; one ConfigError for what it cannot express."""
   def unsupported(what, fix='only Llama models with these settings off convert'):
     raise ConfigError(f'{hf_dir}/config.json has {what}, which nopejax cannot express; {fix}.')
 
-  if hf_config.get('model_type') != 'llama':
-    unsupported(f'model_type={hf_config.get("model_type")!r}', "only Llama models (model_type 'llama') convert")
+  model_type = hf_config.get('model_type')
+  if model_type not in ('llama', 'smollm3'):
+    unsupported(f'model_type={model_type!r}', "only Llama and SmolLM3 models (model_type 'llama' or 'smollm3') convert")
+  position, rope_layers = 'nope' if nope else 'rope', ''
+  if model_type == 'smollm3':
+    if nope:
+      raise ConfigError(f'--nope is for Llama checkpoints, but {hf_dir}/config.json is a SmolLM3 whose no_rope_layers '
+                        'say which layers use RoPE; convert it without --nope.')
+    try:
+      position, rope_layers = smollm3.layer_positions(hf_config, hf_dir)
+    except KeyError as e:
+      raise ConfigError(f'{hf_dir}/config.json lacks {e.args[0]}; it is not a complete SmolLM3 config.') from e
+  nope = position == 'nope'  # Below: whether no layer rotates.
   if hf_config.get('hidden_act', 'silu') != 'silu':
     unsupported(f'hidden_act={hf_config["hidden_act"]!r}', 'nopejax MLPs are SwiGLU (silu)')
   for key in ('attention_bias', 'mlp_bias'):
@@ -97,6 +109,7 @@ def config_from_hf(hf_config: dict, nope: bool, hf_dir: str):
     unsupported(f'RoPE scaling {rope_type!r}', 'convert a model with plain RoPE, or pass --nope for a NoPE model')
   if not nope and hf_config.get('partial_rotary_factor', 1.0) != 1.0:
     unsupported(f'partial_rotary_factor={hf_config["partial_rotary_factor"]}', 'nopejax rotates every head dimension')
+  default_theta = smollm3.DEFAULT_THETA if model_type == 'smollm3' else 10000.0
   try:
     heads = hf_config['num_attention_heads']
     cfg = config.from_dict({
@@ -109,9 +122,10 @@ def config_from_hf(hf_config: dict, nope: bool, hf_dir: str):
             'head_dim': hf_config.get('head_dim') or hf_config['hidden_size'] // heads,
             'mlp_dim': hf_config['intermediate_size'],
             'norm_eps': float(hf_config.get('rms_norm_eps', 1e-6)),
-            'position': 'nope' if nope else 'rope',
-            'rope_theta': float(rope.get('rope_theta', hf_config.get('rope_theta', 10000.0))),
-            'tie_embeddings': bool(hf_config.get('tie_word_embeddings', False)),
+            'position': position,
+            'rope_layers': rope_layers,
+            'rope_theta': float(rope.get('rope_theta', hf_config.get('rope_theta', default_theta))),
+            'tie_embeddings': bool(hf_config.get('tie_word_embeddings', model_type == 'smollm3')),
         },
         'data': {'seq_len': int(hf_config.get('max_position_embeddings', 2048))},
     })

@@ -8,11 +8,10 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-import nopejax
 from nopejax import checkpoint, config, data, paths, search
 from nopejax import model as model_lib
 from nopejax.config import ConfigError
-from nopejax.evaluate import entropy, passkey, perplexity, report
+from nopejax.evaluate import entropy, passkey, perplexity, report, ruler
 
 # Keys an evaluation may override; the rest describe the trained model and come from its workdir.
 # The position keys are the zero-shot extensions (RoPE scalings, log-n): they change no parameter.
@@ -37,9 +36,8 @@ class _CachedDocuments:
       yield self.cache[-1]
 
 
-def _run_info(workdir, cfg) -> dict:
-  """Kind, step, pretraining length (from the base run for a search) and search length of a workdir."""
-  step = checkpoint.latest_step(workdir)
+def _run_info(workdir, cfg, step) -> dict:
+  """Kind, step, pretraining length (from the base run for a search) and search length of a workdir's step."""
   meta = checkpoint.read_meta(workdir, step)
   info = {'kind': meta['kind'], 'step': step, 'pretrain_length': cfg.data.seq_len, 'search_length': None}
   if meta['kind'] == 'search':
@@ -85,7 +83,7 @@ def check_overrides(overrides: dict) -> None:
   for key in overrides:
     if not config.is_declared(key):
       raise ConfigError(
-          f'Unknown config key {key}; every key is declared in configs/base.py, check the spelling there.')
+          f'Unknown config key {key}; every key is declared in nopejax/defaults.py, check the spelling there.')
     if not (key.startswith('eval.') or key in _OVERRIDABLE):
       raise ConfigError(f'{key} describes the trained run and cannot change at evaluation; '
                         f'only eval.*, {", ".join(_OVERRIDABLE)} can be overridden.')
@@ -133,18 +131,21 @@ def evaluate(workdir, overrides=None, out=None) -> dict:
   check_overrides(overrides)
   temperature = overrides.pop('model.temperature', None)
   position_overrides = {key: value for key, value in overrides.items() if key in POSITION_OVERRIDES}
-  model, cfg = nopejax.load(workdir, temperature)
+  out = paths.resolve(out) if out else default_out_dir(workdir, temperature, position_overrides)
+  if jax.process_index() == 0:
+    checkpoint.check_writable(out, '--out')  # Before the evaluation, not after it.
+  # The newest step that reads back whole: a damaged newer one is passed over with a warning, never renamed.
+  model, cfg, step = checkpoint.load_with_step(workdir, temperature)
   for key, value in overrides.items():
     _set_key(cfg, key, value)
   if position_overrides:
     config.validate(cfg)
     model = with_position_overrides(model, cfg)
-  info = _run_info(workdir, cfg)
+  info = _run_info(workdir, cfg, step)
   lengths, stride = eval_lengths(cfg, info['pretrain_length'])
   e = cfg.eval
   tokenizer = data.make_tokenizer(cfg)
   documents = _CachedDocuments(data.documents(cfg, e.split))
-  out = paths.resolve(out) if out else default_out_dir(workdir, temperature, position_overrides)
   label = (paths.resolve(workdir).name + ('' if temperature is None else f' c={temperature:g}')
            + ''.join(f' {setting}' for setting in _position_settings(position_overrides)))
   logging.info('Evaluating %s (%s, step %d) at lengths %s, stride %d -> %s', workdir, info['kind'], info['step'],
@@ -159,6 +160,7 @@ def evaluate(workdir, overrides=None, out=None) -> dict:
          if cfg.model.temperature_schedule == 'log' else {}),
       'dataset': cfg.data.dataset, 'split': e.split, 'lengths': lengths, 'stride': stride,
       'perplexity': {}, 'perplexity_detail': {}, 'passkey': {}, 'passkey_detail': {},
+      'ruler': {}, 'ruler_detail': {},
   }
   score_windows = perplexity.window_scorer(model, stride, e.query_chunk)
   for n in lengths:
@@ -175,6 +177,14 @@ def evaluate(workdir, overrides=None, out=None) -> dict:
       results['passkey'][str(n)] = None if detail is None else detail.pop('accuracy')
       results['passkey_detail'][str(n)] = detail
       logging.info('length %d: passkey accuracy %s', n, results['passkey'][str(n)])
+    # RULER's tasks take as many examples per task and length as the passkey has prompts.
+    for n in lengths:
+      by_task = ruler.ruler(model, tokenizer, n, e.passkey_depths * e.passkey_keys, e.batch_size, e.query_chunk,
+                            e.seed)
+      for task, detail in by_task.items():
+        results['ruler'].setdefault(task, {})[str(n)] = None if detail is None else detail.pop('accuracy')
+        results['ruler_detail'].setdefault(task, {})[str(n)] = detail
+      logging.info('length %d: RULER accuracy %s', n, {task: results['ruler'][task][str(n)] for task in by_task})
 
   longest = max(lengths)
   stats = entropy.position_stats(model, documents, longest, e.position_documents, e.entropy_documents,

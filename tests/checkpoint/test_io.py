@@ -1,16 +1,25 @@
-"""Orbax checkpoints: restoring onto any mesh and into scanned layers, damaged steps, and the
-checks that refuse a checkpoint of another run kind or model."""
+"""Orbax checkpoints: restoring onto any mesh and into scanned layers; a failed read told apart
+(damage, another config's checkpoint, storage trouble tried again); the checks that refuse a
+checkpoint of another run kind, model or schedule before any array is read."""
+import errno
+import hashlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-import nopejax
 from conftest import small_config
 from nopejax import checkpoint, data, loop, optim, sharding, step as step_lib
+from nopejax.checkpoint import reads
 from nopejax.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
@@ -57,6 +66,25 @@ def test_a_checkpoint_restores_into_scanned_layers_and_trains_on(trained):
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
+def tree_digest(directory):
+  digest = hashlib.sha256()
+  for root, _, files in sorted(os.walk(directory)):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      digest.update(path.encode())
+      with open(path, 'rb') as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+def resume(cfg, workdir):
+  """restore_newest as a run resuming in `workdir` on 8 devices calls it: (state, meta, step) or None."""
+  mesh = sharding.make_mesh(cfg)
+  with jax.set_mesh(mesh):
+    graphdef, abstract, _ = step_lib.abstract_state(cfg, mesh, optim.make_optimizer(cfg))
+    return checkpoint.restore_newest(workdir, cfg, graphdef, abstract, data.train_iterator(cfg))
+
+
 def test_damaged_checkpoint_is_reported_in_one_sentence(trained, tmp_path):
   cfg, workdir = trained
   copy = str(tmp_path / 'copy')
@@ -67,8 +95,110 @@ def test_damaged_checkpoint_is_reported_in_one_sentence(trained, tmp_path):
       if name != '_METADATA' and not name.startswith('_'):
         with open(os.path.join(root, name), 'wb') as f:
           f.write(b'garbage')
-  with pytest.raises(ConfigError, match=r'checkpoints/40 does not fit this model or is damaged .*use a matching config or another --workdir'):
-    nopejax.load(copy)
+  with pytest.raises(checkpoint.DamagedCheckpoint, match=r'checkpoints/40 is damaged \(.*\); delete that step '
+                                                         'directory to fall back to an older one, or use another --workdir'):
+    restore_on(cfg, copy, (8, 1, 1))
+
+
+def small_run_flags(tfds_dir, workdir, **values):
+  """conftest.small_config, changed by `values`, as command-line flags."""
+  values = dict({'model.num_layers': 2, 'model.embed_dim': 64, 'model.num_heads': 4, 'model.num_kv_heads': 2,
+                 'model.mlp_dim': 128, 'data.seq_len': 16, 'train.batch_size': 8, 'train.warmup_steps': 5,
+                 'train.eval_every': 0, 'train.peak_flops_per_device': 1e9, 'data.tfds_dir': tfds_dir}, **values)
+  return ['--config', 'configs/base.py', '--workdir', workdir] + [f'--config.{k}={v}' for k, v in values.items()]
+
+
+def test_a_resume_with_another_temperature_schedule_stops_in_one_sentence_and_rolls_nothing_back(tfds_dir, tmp_path):
+  """Steps saved with the log schedule do not fit a constant-schedule model: no reason to set them
+  aside as damaged and train again from the step before them."""
+  workdir = str(tmp_path / 'run')
+  cfg = small_config(tfds_dir)
+  cfg.train.steps, cfg.train.checkpoint_every, cfg.train.warmup_steps = 4, 2, 1
+  loop.run(cfg, workdir)
+  cfg.train.steps, cfg.model.temperature_schedule = 8, 'log'
+  loop.run(cfg, workdir)
+  before = tree_digest(workdir)
+  flags = small_run_flags(tfds_dir, workdir, **{'train.steps': 8, 'train.checkpoint_every': 2, 'train.warmup_steps': 1})
+  result = subprocess.run([sys.executable, '-m', 'nopejax.train', *flags], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ), timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  after = result.stderr[result.stderr.index('error: '):]
+  assert after == (f"error: The checkpoint at {workdir}/checkpoints/8 was saved with model.temperature_schedule='log' "
+                   "but the config asks for 'constant'; pass --config.model.temperature_schedule=log or use another "
+                   '--workdir.\n')
+  assert 'Traceback' not in result.stderr
+  assert tree_digest(workdir) == before  # Steps 5 to 8 and their metrics are all there.
+
+
+def test_another_optimizer_partition_is_named_from_the_meta_or_from_the_stored_tree(trained, tmp_path):
+  cfg, workdir = trained
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  before = tree_digest(copy)
+  cfg.train.trainable = 'model+temperature'
+  with pytest.raises(ConfigError, match=r"checkpoints/40 was saved by a run with train.trainable='model' but the config "
+                                        "asks for 'model\\+temperature'; pass --config.train.trainable=model"):
+    resume(cfg, copy)
+  assert tree_digest(copy) == before
+  for step in (20, 30, 40):  # Checkpoints that predate the key: the stored tree tells.
+    meta_file = os.path.join(copy, 'checkpoints', str(step), 'meta', 'metadata')
+    with open(meta_file) as f:
+      meta = json.load(f)
+    del meta['trainable']
+    with open(meta_file, 'w') as f:
+      json.dump(meta, f)
+  before = tree_digest(copy)
+  with pytest.raises(ConfigError, match=r'checkpoints/40 was saved with another config: its optimizer state has no '
+                                        r'inner_state\.inner_states\..*; run with the config it was saved with'):
+    resume(cfg, copy)
+  assert tree_digest(copy) == before
+
+
+@pytest.fixture
+def flaky_storage(monkeypatch):
+  """Makes orbax's reads raise `error` on the calls numbered in `failing` (1-based); no waiting between tries."""
+  monkeypatch.setattr(reads, 'RETRY_DELAYS', (0.0, 0.0))
+  real_restore = ocp.CheckpointManager.restore
+
+  def make(error, failing):
+    calls = []
+
+    def restore(self, *args, **kwargs):
+      calls.append(1)
+      if len(calls) in failing:
+        raise error
+      return real_restore(self, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, 'restore', restore)
+  return make
+
+
+def test_a_transient_read_error_is_tried_again(trained, flaky_storage, caplog):
+  cfg, workdir = trained
+  flaky_storage(OSError('Connection reset by peer'), failing={1})
+  _, meta, step = resume(cfg, workdir)
+  assert step == meta['step'] == 40
+  assert 'checkpoints/40 failed (OSError: Connection reset by peer); trying again in 0 s' in caplog.text
+
+
+def test_a_read_error_that_persists_is_one_sentence_and_renames_nothing(trained, tmp_path, flaky_storage):
+  cfg, workdir = trained
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  before = tree_digest(copy)
+  flaky_storage(TimeoutError('The read operation timed out'), failing=range(1, 100))
+  with pytest.raises(checkpoint.UnreadableCheckpoint, match=r'checkpoints/40 could not be read in 3 tries \(TimeoutError: '
+                     r'The read operation timed out\); check the storage or the connection and run the same command again'):
+    resume(cfg, copy)
+  assert tree_digest(copy) == before
+
+
+def test_transient_errors_are_told_from_damage():
+  assert reads.is_transient(OSError('Connection reset by peer')) and reads.is_transient(TimeoutError())
+  assert reads.is_transient(ValueError('UNAVAILABLE: Error reading "x" from gs://b/c: HTTP 503'))
+  assert reads.is_transient(type('ServiceUnavailable', (type('ServerError', (Exception,), {}),), {})('503'))
+  for damage in (FileNotFoundError(errno.ENOENT, 'gone'), ValueError('OUT_OF_RANGE: Requested byte range [0, 9)'),
+                 json.JSONDecodeError('Expecting value', '{', 1), PermissionError(errno.EACCES, 'denied')):
+    assert not reads.is_transient(damage), damage
 
 
 def test_search_run_against_a_pretrain_workdir_is_refused(trained, tfds_dir):

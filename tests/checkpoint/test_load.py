@@ -33,16 +33,42 @@ def test_load_matches_the_restored_train_state(trained):
   np.testing.assert_array_equal(m.blocks[1].mlp.up_DxF[...], params['blocks'][1]['mlp']['up_DxF'][...])
 
 
-def test_unreadable_meta_and_missing_workdirs(trained, tmp_path):
+def damage(step_dir):
+  """Overwrites every data file of a checkpoint step's model item, as a failing disk would."""
+  for root, _, files in os.walk(os.path.join(step_dir, 'model')):
+    for name in files:
+      if os.path.basename(root) == 'd':
+        with open(os.path.join(root, name), 'wb') as f:
+          f.write(b'garbage')
+
+
+def test_a_damaged_newest_step_is_passed_over_and_left_where_it_is(trained, tmp_path, caplog):
   _, workdir = trained
   copy = str(tmp_path / 'copy')
   shutil.copytree(workdir, copy)
-  shutil.rmtree(os.path.join(copy, 'checkpoints', '40', 'meta'))
-  with pytest.raises(ConfigError, match='cannot be read'):
+  damage(os.path.join(copy, 'checkpoints', '40'))
+  shutil.rmtree(os.path.join(copy, 'checkpoints', '30', 'meta'))  # Unreadable meta: damage too.
+  model, _, step = checkpoint.load_with_step(copy)
+  assert step == 20
+  assert 'checkpoints/40 is damaged' in caplog.text and 'checkpoints/30 is damaged' in caplog.text
+  assert 'Using step 20 instead' in caplog.text
+  assert sorted(os.listdir(os.path.join(copy, 'checkpoints'))) == ['20', '30', '40']  # Reading renames nothing.
+  params = restored_params(*trained)
+  assert not np.array_equal(model.blocks[1].mlp.up_DxF[...], params['blocks'][1]['mlp']['up_DxF'][...])
+  damage(os.path.join(copy, 'checkpoints', '20'))
+  with pytest.raises(checkpoint.DamagedCheckpoint, match='checkpoints/40 is damaged'):
     nopejax.load(copy)
+
+
+def test_broken_config_and_missing_workdirs(trained, tmp_path):
+  _, workdir = trained
   with pytest.raises(ConfigError, match='has no config.json'):
     nopejax.load(str(tmp_path / 'nothing'))
   os.makedirs(tmp_path / 'empty')
   shutil.copy(os.path.join(workdir, 'config.json'), tmp_path / 'empty')
   with pytest.raises(ConfigError, match='holds no checkpoint'):
+    nopejax.load(str(tmp_path / 'empty'))
+  with open(tmp_path / 'empty' / 'config.json', 'r+') as f:
+    f.truncate(100)
+  with pytest.raises(ConfigError, match=r'empty/config.json is not valid JSON \(.*\); restore it from config_history.jsonl'):
     nopejax.load(str(tmp_path / 'empty'))

@@ -90,7 +90,7 @@ def test_tensors_go_onto_the_mesh_split_along_the_width():
 def test_from_hf_then_to_hf_reproduces_every_tensor(converted, tmp_path, name):
   source_dir = FIXTURES / SOURCES[name][0]
   out = str(tmp_path / 'hf')
-  summary = convert.to_hf_dir(converted[name], out, max_shard_mb=0.05)
+  summary = convert.to_hf_dir(converted[name], out, max_shard_mb=0.05, layout='llama')  # NoPE defaults to SmolLM3.
   assert summary['files'] > 1 and os.path.exists(os.path.join(out, 'model.safetensors.index.json'))
   source, written = convert.checkpoint_files(str(source_dir)), convert.checkpoint_files(out)
   assert sorted(written) == sorted(source)
@@ -225,4 +225,39 @@ def test_unreadable_weights_are_refused_and_write_nothing(tmp_path):
   (damaged / 'model.safetensors').write_bytes(data[:len(data) // 2])
   with pytest.raises(ConfigError, match='is truncated or damaged'):
     convert.from_hf(str(damaged), str(tmp_path / 'w'), tokenizer='byte')
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('schedule', ['log', 'ssmax'])
+def test_position_dependent_temperatures_do_not_export_to_llama(converted, tmp_path, schedule):
+  """A Llama holds one scale per head: the log schedule's slopes or ssmax's ln i would be dropped."""
+  workdir = tmp_path / schedule
+  shutil.copytree(converted['headscale'], workdir)
+  saved = json.loads((workdir / 'config.json').read_text())
+  saved['model'].update(temperature_schedule=schedule, temperature_length=64)
+  (workdir / 'config.json').write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match=f"uses model.temperature_schedule='{schedule}', whose temperatures change with "
+                                        "position, but a Llama holds one constant scale per head; export a run searched "
+                                        "with model.temperature_schedule='constant'"):
+    convert.to_hf_dir(str(workdir), str(tmp_path / 'hf'), fold_temperatures=schedule == 'ssmax')
+  assert not (tmp_path / 'hf').exists()
+
+
+def test_a_git_lfs_pointer_or_a_cut_off_config_is_one_sentence(tmp_path):
+  hf_dir = pathlib.Path(hf_copy(tmp_path))
+  weights = (hf_dir / 'model.safetensors').read_bytes()
+  (hf_dir / 'model.safetensors').write_text('version https://git-lfs.github.com/spec/v1\n'
+                                            'oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n'
+                                            'size 12345\n')
+  with pytest.raises(ConfigError, match=r'model.safetensors is a Git LFS pointer, not the weights it points to; run git '
+                                        'lfs pull in'):
+    convert.from_hf(str(hf_dir), str(tmp_path / 'w'), tokenizer='byte')
+  (hf_dir / 'model.safetensors').write_bytes(b'\xff' * 8 + weights[8:])  # A header length of 2^64 - 1 bytes.
+  with pytest.raises(ConfigError, match='is not a safetensors file, or is truncated or damaged'):
+    convert.from_hf(str(hf_dir), str(tmp_path / 'w'), tokenizer='byte')
+  (hf_dir / 'model.safetensors').write_bytes(weights)
+  config_text = (hf_dir / 'config.json').read_text()
+  (hf_dir / 'config.json').write_text(config_text[:len(config_text) // 2])
+  with pytest.raises(ConfigError, match=r'config.json is not valid JSON \(.*\); download it again'):
+    convert.from_hf(str(hf_dir), str(tmp_path / 'w'), tokenizer='byte')
   assert not (tmp_path / 'w').exists()

@@ -1,5 +1,6 @@
 """The command line `python -m nopejax.convert from-hf | to-hf`: bad input is one sentence, exit code 2,
 and leaves every directory as it was."""
+import errno
 import os
 
 from hf_fixtures import FIXTURES
@@ -36,3 +37,25 @@ def test_bad_commands_and_flags_are_one_sentence(tmp_path, capsys):
     assert err.startswith(message) and err.count('\n') == 1, err
   assert command_line.main(['to-hf', '--help']) == 0
   assert '--max_shard_mb: Largest safetensors file, MiB. (default: 4096' in capsys.readouterr().out
+
+
+def test_a_file_in_place_of_a_directory_is_refused_before_the_work(tmp_path, capsys):
+  (tmp_path / 'file').write_text('mine')
+  code = command_line.main(['from-hf', '--hf_dir', str(FIXTURES / 'hf_llama'), '--workdir', str(tmp_path / 'file')])
+  assert code == 2 and capsys.readouterr().err == (
+      f'error: --workdir {tmp_path / "file"} is a file, not a directory; pass a directory path (new or existing).\n')
+  code = command_line.main(['to-hf', '--workdir', str(tmp_path / 'nowhere'), '--hf_dir', str(tmp_path / 'file' / 'hf')])
+  assert code == 2 and capsys.readouterr().err.startswith(f'error: --hf_dir {tmp_path / "file" / "hf"} lies under the file')
+  assert (tmp_path / 'file').read_text() == 'mine'
+
+
+def test_a_write_the_disk_refuses_is_one_sentence(tmp_path, capsys, monkeypatch):
+  from nopejax.convert import files
+  monkeypatch.setattr(files, 'write_safetensors', lambda *args: (_ for _ in ()).throw(OSError(errno.ENOSPC, 'full')))
+  workdir = tmp_path / 'w'
+  assert command_line.main(['from-hf', '--hf_dir', str(FIXTURES / 'hf_llama'), '--workdir', str(workdir)]) == 0
+  capsys.readouterr()
+  code = command_line.main(['to-hf', '--workdir', str(workdir), '--hf_dir', str(tmp_path / 'hf')])
+  assert code == 2 and capsys.readouterr().err == (
+      f'error: The disk under {tmp_path / "hf"} is full (no space left on device), so {tmp_path / "hf"} is incomplete '
+      '(delete it before the next try); free space there and run the same command again.\n')

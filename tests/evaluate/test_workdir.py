@@ -3,6 +3,7 @@ the comparison of evaluated runs, the overrides it accepts, and the command line
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from nopejax import evaluate, loop
+from nopejax import checkpoint, evaluate, loop
 from nopejax.config import ConfigError
 
 
@@ -174,7 +175,7 @@ def test_cli_errors_are_one_sentence_and_exit_2(tmp_path):
   unknown = _cli('--workdir', str(tmp_path), '--config.eval.lenghts=(16,)')
   assert unknown.returncode == 2
   assert unknown.stderr.strip().splitlines()[-1] == (
-      'error: Unknown config key eval.lenghts; every key is declared in configs/base.py, check the spelling there.')
+      'error: Unknown config key eval.lenghts; every key is declared in nopejax/defaults.py, check the spelling there.')
   not_a_run = _cli('--workdir', str(tmp_path / 'nothing'), '--config.eval.lengths=(16,64)')
   assert not_a_run.returncode == 2 and 'is not a nopejax workdir' in not_a_run.stderr.strip().splitlines()[-1]
 
@@ -184,3 +185,30 @@ def test_cli_compare_takes_the_directories_as_arguments(evaluated, tmp_path):
   result = _cli('--compare', workdir, os.path.join(workdir, 'eval_c1.5'), '--out', str(tmp_path / 'cmp'))
   assert result.returncode == 0, result.stderr[-2000:]
   assert os.path.isfile(tmp_path / 'cmp' / 'compare.md') and os.path.isfile(tmp_path / 'cmp' / 'compare.png')
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_evaluation(pretrained, tmp_path, monkeypatch):
+  (tmp_path / 'file').write_text('mine')
+  monkeypatch.setattr(checkpoint, 'load_with_step', lambda *args: pytest.fail('evaluated before checking --out'))
+  for out, message in ((tmp_path / 'file', 'is a file, not a directory'), (tmp_path / 'file' / 'eval', 'lies under the file')):
+    with pytest.raises(ConfigError, match=f'--out {out} {message}'):
+      evaluate.evaluate(pretrained, EVAL_OVERRIDES, str(out))
+  result = _cli('--compare', pretrained, '--out', str(tmp_path / 'file'))
+  assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+      f'error: --out {tmp_path / "file"} is a file, not a directory')
+  assert (tmp_path / 'file').read_text() == 'mine'
+
+
+def test_a_damaged_newest_step_is_passed_over_and_left_where_it_is(pretrained, tmp_path, caplog):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(pretrained, workdir, ignore=shutil.ignore_patterns('eval*'))
+  for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', '40', 'model')):
+    for name in files:
+      if os.path.basename(root) == 'd':
+        with open(os.path.join(root, name), 'wb') as f:
+          f.write(b'garbage')
+  overrides = dict(EVAL_OVERRIDES, **{'eval.lengths': (16,), 'eval.passkey_keys': 0, 'eval.entropy_documents': 0,
+                                      'eval.position_documents': 0})
+  results = evaluate.evaluate(workdir, overrides)
+  assert results['step'] == 30 and 'checkpoints/40 is damaged' in caplog.text and 'Using step 30 instead' in caplog.text
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '30', '40']  # Evaluation only reads.
