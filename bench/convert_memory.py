@@ -43,7 +43,7 @@ def write_checkpoint(out, layers, shard_mb, vocab=32000, width=1024, heads=16, k
                    p + 'self_attn.o_proj.weight': (width, heads * head_dim),
                    p + 'mlp.gate_proj.weight': (mlp, width), p + 'mlp.up_proj.weight': (mlp, width),
                    p + 'mlp.down_proj.weight': (width, mlp)})
-  groups = convert.files.shard_groups([(n, math.prod(s) * 2) for n, s in shapes.items()], shard_mb * 2**20)
+  groups = convert.safetensors_files.shard_groups([(n, math.prod(s) * 2) for n, s in shapes.items()], shard_mb * 2**20)
   rng = np.random.default_rng(0)
   weight_map = {}
   for i, names in enumerate(groups):

@@ -14,6 +14,6 @@ as scale_param or folded into q_proj. See the README for loading a NoPE model in
   hf        from_hf and to_hf_dir
 and `__main__` the command line on top.
 """
-from nopejax.convert.files import SafetensorsFile, checkpoint_files, write_safetensors
+from nopejax.convert.safetensors_files import SafetensorsFile, checkpoint_files, write_safetensors
 from nopejax.convert.hf import DTYPES, SOURCE_FILE, conversion_mesh, from_hf, read_hf_state, to_hf_dir
 from nopejax.convert.layout import config_from_hf, hf_config_of, hf_layout

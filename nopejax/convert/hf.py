@@ -26,7 +26,7 @@ from etils import epath
 
 from nopejax import config
 from nopejax.config import ConfigError
-from nopejax.convert import files, smollm3
+from nopejax.convert import safetensors_files, smollm3
 from nopejax.convert.layout import (
     IGNORED_SUFFIXES, at, config_from_hf, hf_config_of, hf_layout, hf_shape, is_temperature, to_hf, to_nopejax)
 
@@ -97,7 +97,7 @@ def read_hf_state(cfg, hf_dir, mesh):
   abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
   shapes = nnx.to_pure_dict(abstract)
   layout = hf_layout(cfg)
-  located = files.checkpoint_files(hf_dir)
+  located = safetensors_files.checkpoint_files(hf_dir)
   expected = _check_tensors(cfg, layout, shapes, located, hf_dir)
   shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, cfg.mesh.rules))
   by_file = {}
@@ -218,7 +218,7 @@ def to_hf_dir(workdir, hf_dir, dtype='auto', fold_temperatures=False, max_shard_
       return np.dtype(DTYPES[dtype])
     name = layout[path][0]
     if name in source_dtypes:
-      candidate = np.dtype(files.FLOAT_DTYPES.get(source_dtypes[name], np.float32))
+      candidate = np.dtype(safetensors_files.FLOAT_DTYPES.get(source_dtypes[name], np.float32))
       array = hf_float32(path)
       if np.array_equal(array.astype(candidate).astype(np.float32), array):
         return candidate
@@ -229,7 +229,7 @@ def to_hf_dir(workdir, hf_dir, dtype='auto', fold_temperatures=False, max_shard_
   path_of = {layout[p][0]: p for p in paths}
   names_and_bytes = [(name, math.prod(at(pure, p).shape) * dtypes[p].itemsize) for name, p in path_of.items()]
   os.makedirs(hf_dir, exist_ok=True)
-  file_count = files.write_checkpoint(
+  file_count = safetensors_files.write_checkpoint(
       hf_dir, names_and_bytes, lambda name: hf_float32(path_of[name]).astype(dtypes[path_of[name]]), max_shard_mb)
   matrix_dtypes = {str(dtypes[p]) for p in paths if not is_temperature(p)}
   with open(os.path.join(hf_dir, 'config.json'), 'w') as f:

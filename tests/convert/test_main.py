@@ -50,7 +50,7 @@ def test_a_file_in_place_of_a_directory_is_refused_before_the_work(tmp_path, cap
 
 
 def test_a_write_the_disk_refuses_is_one_sentence(tmp_path, capsys, monkeypatch):
-  from nopejax.convert import files
+  from nopejax.convert import safetensors_files as files
   monkeypatch.setattr(files, 'write_safetensors', lambda *args: (_ for _ in ()).throw(OSError(errno.ENOSPC, 'full')))
   workdir = tmp_path / 'w'
   assert command_line.main(['from-hf', '--hf_dir', str(FIXTURES / 'hf_llama'), '--workdir', str(workdir)]) == 0

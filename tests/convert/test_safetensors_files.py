@@ -9,7 +9,7 @@ import numpy as np
 
 from hf_fixtures import FIXTURES
 from nopejax import convert
-from nopejax.convert import files
+from nopejax.convert import safetensors_files as files
 
 
 def test_safetensors_written_here_read_back_exactly(tmp_path):
