@@ -3,7 +3,7 @@
 # commands (and the batch script) instead of running them.
 #
 #   bash launch/gpu.sh install                     (in the repository, on storage every node sees: .venv with
-#       pip install -e '.[cuda]', the pins of pyproject.toml and jax's CUDA 12 build)
+#       pip install -e '.[cuda,files]', the pins of pyproject.toml and jax's CUDA 12 build)
 #   bash launch/gpu.sh slurm --nodes 2 [--gpus-per-node 8] [--partition P] [--time 7-00:00:00] -- TRAIN FLAGS
 #       One process per GPU: jax's SLURM detection joins them and gives each its GPU.
 #   COORDINATOR=node0:12345 NUM_NODES=2 NODE_RANK=0 bash launch/gpu.sh node -- TRAIN FLAGS
@@ -11,7 +11,9 @@
 #       all its GPUs; COORDINATOR is node 0's address and a free port.
 #
 # TRAIN FLAGS, e.g.: --config configs/1b.py --workdir /shared/runs/nope-1b
-#     --config.data.text_dir=/shared/data/slimpajama_starcoder --config.data.tokenizer=/shared/llama2.model
+#     --config.data.train_files=/shared/tokens/train --config.data.eval_files=/shared/tokens/eval
+#     --config.data.tokenizer=/shared/llama2.model   (token shards from python -m nopejax.prepare; raw
+#     .jsonl.zst / .parquet shards also need the files extra, which install does not add: docs/scaling.md)
 # SIGTERM (scancel, or kill on a node) makes every process finish its step, save and exit; run the
 # same command again to resume.
 set -euo pipefail
@@ -45,7 +47,7 @@ need_train_args() {
 case "$command" in
   install)
     [[ -d .venv ]] || run python3.11 -m venv .venv
-    run .venv/bin/pip install -q -e '.[cuda]'
+    run .venv/bin/pip install -q -e '.[cuda,files]'
     ;;
   slurm)
     need_train_args

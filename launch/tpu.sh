@@ -5,7 +5,10 @@
 #
 #   bash launch/tpu.sh up     --name nope-1b --zone us-east5-a --type v5litepod-256 -- \
 #       --config configs/1b.py --workdir gs://BUCKET/runs/nope-1b \
-#       --config.data.text_dir=gs://BUCKET/data/slimpajama_starcoder --config.data.tokenizer=gs://BUCKET/llama2.model
+#       --config.data.train_files=gs://BUCKET/tokens/train --config.data.eval_files=gs://BUCKET/tokens/eval \
+#       --config.data.tokenizer=gs://BUCKET/llama2.model
+#     (token shards from python -m nopejax.prepare; raw .jsonl.zst / .parquet shards also need the
+#     files extra, which install does not add: docs/scaling.md)
 #   bash launch/tpu.sh create  --name NAME --zone ZONE --type TYPE [--spot] [--project P] [--runtime VERSION]
 #   bash launch/tpu.sh install --name NAME --zone ZONE [--branch B]        (NOPEJAX_REPO, below, and its pins)
 #   bash launch/tpu.sh train   --name NAME --zone ZONE -- TRAIN FLAGS      (the same command on all workers)
@@ -16,7 +19,7 @@
 # `up` is create + install + train + logs. Run `train` again after a preemption: it resumes from the
 # workdir's latest checkpoint.
 #
-# NOPEJAX_REPO is the nopejax every worker installs (pip install -e '.[tpu]' in ~/nopejax): a local
+# NOPEJAX_REPO is the nopejax every worker installs (pip install -e '.[tpu,files]' in ~/nopejax): a local
 # git checkout, by default the one this script is in, whose files (tracked and untracked, not ignored)
 # are copied to the workers; or a git URL the workers clone (--branch B picks a branch).
 set -euo pipefail
@@ -92,7 +95,7 @@ install() {
   # The images ship Python 3.10; the pinned stack needs 3.11.
   on_workers all "sudo apt-get -qq update && sudo apt-get -qq install -y python3.11 python3.11-venv git && $fetch \
 && cd nopejax && { test -d .venv || python3.11 -m venv .venv; } && .venv/bin/pip install -q --upgrade pip \
-&& .venv/bin/pip install -q -e '.[tpu]'"
+&& .venv/bin/pip install -q -e '.[tpu,files]'"
 }
 
 train() {

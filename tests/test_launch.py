@@ -60,7 +60,7 @@ def test_tpu_up_creates_installs_trains_on_all_workers_and_follows_worker_0(fake
                   'us-east5-a', '--worker=all']
   ssh = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'nope-1b', '--zone', 'us-east5-a']
   assert install[:10] == ssh + ['--worker=all', '--command']
-  assert 'tar -xzf nopejax.tar.gz -C nopejax' in install[10] and install[10].endswith("pip install -q -e '.[tpu]'")
+  assert 'tar -xzf nopejax.tar.gz -C nopejax' in install[10] and install[10].endswith("pip install -q -e '.[tpu,files]'")
   assert train[:10] == ssh + ['--worker=all', '--command']
   remote = shlex.split(train[10])
   start = remote.index('nopejax.train') + 1

@@ -1,5 +1,6 @@
 """Length generalization of a trained run: perplexity by length, loss by position, attention
-entropy, passkey retrieval; results.json, PNG plots and report.md (protocol and schema: docs/evaluation.md).
+entropy, passkey retrieval, RULER's synthetic tasks; results.json, PNG plots and report.md (protocol
+and schema: docs/evaluation.md).
 
   python -m nopejax.evaluate --workdir runs/tiny                                  # -> runs/tiny/eval/
   python -m nopejax.evaluate --workdir runs/tiny --config.model.temperature=1.5   # -> runs/tiny/eval_c1.5/
@@ -14,6 +15,7 @@ so a notebook can call them:
   perplexity  sliding-window perplexity by length
   entropy     loss by token position and attention entropy by query position
   passkey     passkey retrieval with greedy cached decoding
+  ruler       RULER's niah_multikey, niah_multivalue, variable_tracking, common_words, generated offline
   report      the plots, report.md, and the comparison of evaluated runs
   workdir     `evaluate(workdir, overrides)`: all of them on a workdir's latest checkpoint
 and `__main__` the command line on top. Every window is one document's tokens and attention runs a
