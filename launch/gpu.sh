@@ -12,8 +12,8 @@
 #
 # TRAIN FLAGS, e.g.: --config configs/1b.py --workdir /shared/runs/nope-1b
 #     --config.data.train_files=/shared/tokens/train --config.data.eval_files=/shared/tokens/eval
-#     --config.data.tokenizer=/shared/llama2.model   (token shards from python -m nopejax.prepare; raw
-#     .jsonl.zst / .parquet shards also need the files extra, which install does not add: docs/scaling.md)
+#     --config.data.tokenizer=/shared/llama2.model   (token shards from python -m nopejax.prepare,
+#     or raw .jsonl.zst / .parquet shards: docs/scaling.md)
 # SIGTERM (scancel, or kill on a node) makes every process finish its step, save and exit; run the
 # same command again to resume.
 set -euo pipefail

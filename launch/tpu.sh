@@ -7,8 +7,7 @@
 #       --config configs/1b.py --workdir gs://BUCKET/runs/nope-1b \
 #       --config.data.train_files=gs://BUCKET/tokens/train --config.data.eval_files=gs://BUCKET/tokens/eval \
 #       --config.data.tokenizer=gs://BUCKET/llama2.model
-#     (token shards from python -m nopejax.prepare; raw .jsonl.zst / .parquet shards also need the
-#     files extra, which install does not add: docs/scaling.md)
+#     (token shards from python -m nopejax.prepare, or raw .jsonl.zst / .parquet shards: docs/scaling.md)
 #   bash launch/tpu.sh create  --name NAME --zone ZONE --type TYPE [--spot] [--project P] [--runtime VERSION]
 #   bash launch/tpu.sh install --name NAME --zone ZONE [--branch B]        (NOPEJAX_REPO, below, and its pins)
 #   bash launch/tpu.sh train   --name NAME --zone ZONE -- TRAIN FLAGS      (the same command on all workers)
