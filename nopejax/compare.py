@@ -8,10 +8,14 @@ train.steps), searches NoPE's per-head temperatures at 4x the training length (t
 as configs/tiny_search.py), and evaluates at 1x to 16x the training length (cfg.eval.lengths):
   NoPE; NoPE with a uniform temperature (--temperature); NoPE with the searched temperatures;
   RoPE; RoPE zero-shot with position interpolation, NTK, YaRN (each at s = evaluated length / L)
-  and log-n; ALiBi.
+  and log-n; ALiBi. With `--config.model.position=rope --config.model.rope_layers=every:4` (any
+  model.rope_layers) it also pretrains and evaluates that RoPE/NoPE hybrid (the last row).
 Writes OUT/compare.md (perplexity mean ± standard deviation over seeds per length, and which
 differences exceed the seed spread), OUT/compare.png and OUT/compare.json. Every finished piece
-(a pretraining, a search, an evaluation) is found on disk and skipped when the command runs again.
+(a pretraining, a search, an evaluation) is found on disk and skipped when the command runs again
+with the same inputs: an evaluation made from other inputs (another --temperature, --steps, seed,
+config or eval.* key) is made again, and a pretraining or search made with another config is
+refused, since its checkpoints would be reported under this command's settings.
 """
 import json
 import math
@@ -24,8 +28,14 @@ PRETRAININGS = ('nope', 'rope', 'alibi')
 SEARCHED = 'NoPE, searched c_h'
 
 
-def variants(temperature: float, original_length: int):
-  """(label, pretraining ('nope_search' = the searched temperatures), evaluation overrides) of each row."""
+def pretrainings(cfg) -> tuple:
+  """PRETRAININGS, and 'hybrid' when the config names a hybrid's layers (model.rope_layers)."""
+  return PRETRAININGS + (('hybrid',) if cfg.model.rope_layers else ())
+
+
+def variants(temperature: float, original_length: int, rope_layers: str = ''):
+  """(label, pretraining ('nope_search' = the searched temperatures), evaluation overrides) of each row;
+  a hybrid's row last, so the other rows keep their evaluation directories."""
   scaled = lambda method: {'model.rope_scaling': method, 'model.rope_scaling_factor': 0.0,
                            'model.original_length': original_length}
   return [
@@ -38,13 +48,14 @@ def variants(temperature: float, original_length: int):
       ('RoPE + YaRN', 'rope', scaled('yarn')),
       ('RoPE + log-n', 'rope', {'model.logn': True, 'model.original_length': original_length}),
       ('ALiBi', 'alibi', {}),
-  ]
+  ] + ([(f'Hybrid RoPE/NoPE ({rope_layers})', 'hybrid', {})] if rope_layers else [])
 
 
 def pretrain_config(cfg, position: str, seed: int, steps: int):
   """cfg for one pretraining: the position method and the seed (weights and data order), `steps` if > 0."""
   cfg = _copy(cfg)
-  cfg.model.position = position
+  cfg.model.position = 'rope' if position == 'hybrid' else position  # A hybrid: RoPE on model.rope_layers.
+  cfg.model.rope_layers = cfg.model.rope_layers if position == 'hybrid' else ''
   cfg.train.seed = seed
   cfg.data.shuffle_seed = seed
   if steps:
@@ -57,8 +68,8 @@ def pretrain_config(cfg, position: str, seed: int, steps: int):
 
 def search_config(cfg, base_workdir: str):
   """The paper's temperature search at 4x the pretraining length from `base_workdir` (configs/tiny_search.py)."""
-  from configs import base
-  cfg = base.search_recipe(_copy(cfg))
+  from nopejax import config
+  cfg = config.search_recipe(_copy(cfg))
   cfg.data.seq_len = 4 * cfg.data.seq_len
   cfg.train.log_every = 20
   cfg.train.eval_every = 0
@@ -71,6 +82,37 @@ def search_config(cfg, base_workdir: str):
 def _copy(cfg):
   from nopejax import config
   return config.from_dict(cfg.to_dict())
+
+
+def _flat(values: dict, prefix='') -> dict:
+  """{'train.steps': 600, ...} of a nested dict."""
+  flat = {}
+  for key, value in values.items():
+    flat.update(_flat(value, f'{prefix}{key}.') if isinstance(value, dict) else {f'{prefix}{key}': value})
+  return flat
+
+
+def check_made_with(workdir, run_cfg) -> None:
+  """Refuses a pretraining or search in `workdir` that another config made (another --steps, config
+  file or override): resuming or reusing it would report that run under this command's settings."""
+  from nopejax import config
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
+    return
+  saved, ours = _flat(json.loads(path.read_text())), _flat(json.loads(config.to_json(run_cfg)))
+  differ = sorted(key for key in saved.keys() | ours.keys() if saved.get(key) != ours.get(key))
+  if differ:
+    key = differ[0]
+    raise config.ConfigError(f'{workdir} was made with {key}={saved.get(key)!r} but this command asks for '
+                             f'{ours.get(key)!r}; pass another --out, or delete {workdir} to make it again.')
+
+
+def evaluation_inputs(source_dir, source_cfg, overrides: dict) -> dict:
+  """Everything an evaluation's result depends on: the run evaluated (its config holds the seed,
+  steps and method) and every evaluation override (eval.*, the variant's, its temperature)."""
+  from nopejax import config
+  return json.loads(json.dumps({'workdir': str(source_dir), 'config': json.loads(config.to_json(source_cfg)),
+                                'overrides': overrides}))
 
 
 def _finished(workdir, steps: int) -> bool:
@@ -110,23 +152,33 @@ def run_seed(cfg, out, seed: int, steps=600, temperature=1.5, fast=True) -> None
     (out / 'timings.json').write_text(json.dumps(timings, indent=1))
 
   overrides = eval_overrides(cfg, fast)
-  for position in PRETRAININGS:
+  for position in pretrainings(cfg):
     run_cfg = pretrain_config(cfg, position, seed, steps)
     workdir = str(out / f'{position}_s{seed}')
+    check_made_with(workdir, run_cfg)
     if not _finished(workdir, run_cfg.train.steps):
       logging.info('compare: pretraining %s seed %d -> %s', position, seed, workdir)
       timed(f'pretrain {position} s{seed}', lambda: loop.run(run_cfg, workdir))
   search_cfg = search_config(pretrain_config(cfg, 'nope', seed, steps), str(out / f'nope_s{seed}'))
   search_dir = str(out / f'nope_search_s{seed}')
+  check_made_with(search_dir, search_cfg)
   if not _finished(search_dir, search_cfg.train.steps):
     logging.info('compare: temperature search seed %d -> %s', seed, search_dir)
     timed(f'search s{seed}', lambda: loop.run(search_cfg, search_dir))
-  for index, (label, source, variant_overrides) in enumerate(variants(temperature, cfg.data.seq_len)):
+  source_cfgs = {position: pretrain_config(cfg, position, seed, steps) for position in pretrainings(cfg)}
+  source_cfgs['nope_search'] = search_cfg
+  for index, (label, source, variant_overrides) in enumerate(variants(temperature, cfg.data.seq_len,
+                                                                      cfg.model.rope_layers)):
     eval_dir = out / 'eval' / f'v{index}_s{seed}'
-    if not (eval_dir / 'results.json').exists():
+    source_dir = out / f'{source}_s{seed}'
+    inputs = evaluation_inputs(source_dir, source_cfgs[source], dict(overrides, **variant_overrides))
+    made_from = eval_dir / 'inputs.json'
+    done = (eval_dir / 'results.json').exists() and made_from.exists() and json.loads(made_from.read_text()) == inputs
+    if not done:
       logging.info('compare: evaluating %s seed %d -> %s', label, seed, eval_dir)
       timed(f'eval v{index} s{seed}', lambda: evaluate.evaluate(
-          str(out / f'{source}_s{seed}'), dict(overrides, **variant_overrides), str(eval_dir)))
+          str(source_dir), dict(overrides, **variant_overrides), str(eval_dir)))
+      made_from.write_text(json.dumps(inputs, indent=1))
 
 
 def run(cfg, out, seeds=3, steps=600, temperature=1.5, fast=True) -> dict:
@@ -134,7 +186,8 @@ def run(cfg, out, seeds=3, steps=600, temperature=1.5, fast=True) -> dict:
   summary written to OUT/compare.json."""
   for seed in range(seeds):
     run_seed(cfg, out, seed, steps, temperature, fast)
-  return summarize(out, variants(temperature, cfg.data.seq_len), seeds, cfg.data.seq_len, _timings(out))
+  return summarize(out, variants(temperature, cfg.data.seq_len, cfg.model.rope_layers), seeds, cfg.data.seq_len,
+                   _timings(out))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +316,8 @@ def main(argv):
     if FLAGS.seeds < 1 or FLAGS.steps < 0:
       raise config.ConfigError(f'--seeds={FLAGS.seeds} must be at least 1 and --steps={FLAGS.steps} not negative; '
                                'set e.g. --seeds 3 --steps 600.')
+    from nopejax import checkpoint
+    checkpoint.check_writable(FLAGS.out, '--out')  # Before hours of training fill it.
     run(cfg, FLAGS.out, FLAGS.seeds, FLAGS.steps, FLAGS.temperature, FLAGS.fast_eval)
   except config.ConfigError as e:
     config.exit_with_sentence(str(e))
@@ -270,14 +325,11 @@ def main(argv):
 
 if __name__ == '__main__':
   from absl import app, flags
-  from ml_collections import config_flags
-  from nopejax import host
-  host.keep_cpu_buffers()  # Before jax starts.
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/tiny.py.', lock_config=True)
+  from nopejax import cli  # Defines --config; its parser makes a missing or broken file one sentence.
   flags.DEFINE_string('out', 'runs/compare', 'Directory for every run, evaluation and the table.')
   flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. N-1: each pretrains every method once.')
   flags.DEFINE_integer('steps', 600, 'Pretraining steps of every model (600 keeps 3 seeds of the tiny model near an '
                        'hour on 2 shared cores); 0 = the config\'s train.steps.')
   flags.DEFINE_float('temperature', 1.5, 'The uniform zero-shot temperature of the NoPE row.')
   flags.DEFINE_bool('fast_eval', True, 'No passkey, fewer documents for the curves (the table needs neither).')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)  # Also host.keep_cpu_buffers(), before jax starts.

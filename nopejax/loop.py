@@ -87,27 +87,26 @@ def run(cfg, workdir) -> dict:
     cleanup.callback(writer.close)
     throughput = metrics.Throughput(cfg, mesh.size, peak_flops)
     logged, pending, saved_step = {}, None, first_step - 1
-    skipped = {'in_a_row': 0, 'total': 0}
 
     def finish(step, values):
       """Reads a dispatched step's metrics back (a sync point), stops or skips on a non-finite
-      update, and logs log steps."""
+      update, and logs log steps. The skipped updates are counted in the optimizer state, so the
+      counts go on from a checkpoint."""
       values = {k: float(v) for k, v in jax.device_get(values).items()}
-      nonfinite = values.pop('nonfinite') > 0
-      skipped['in_a_row'] = skipped['in_a_row'] + 1 if nonfinite else 0
-      skipped['total'] += nonfinite
-      if nonfinite and skipped['in_a_row'] > cfg.train.skip_nonfinite:
-        in_a_row = f' ({skipped["in_a_row"]} in a row)' if cfg.train.skip_nonfinite else ''
+      in_a_row, skipped = int(values.pop('nonfinite_in_a_row')), int(values.pop('skipped_updates'))
+      nonfinite = in_a_row > 0
+      if in_a_row > cfg.train.skip_nonfinite:
+        how_many = f' ({in_a_row} in a row)' if cfg.train.skip_nonfinite else ''
         last_good = checkpoint.checkpoint_dir(workdir) / str(saved_step) if saved_step else 'none yet'
         raise FloatingPointError(
-            f'Step {step} had a non-finite loss ({values["loss"]}) or gradient norm ({values["grad_norm"]}){in_a_row}, '
+            f'Step {step} had a non-finite loss ({values["loss"]}) or gradient norm ({values["grad_norm"]}){how_many}, '
             f'so its update was not applied and nothing after step {saved_step} was saved (last good checkpoint: '
             f'{last_good}); lower train.learning_rate or check the data, or set train.skip_nonfinite=N to skip up to '
             'N such updates in a row.')
       if nonfinite:
-        logging.warning('Step %d: non-finite loss or gradient; update skipped (%d in a row).', step, skipped['in_a_row'])
+        logging.warning('Step %d: non-finite loss or gradient; update skipped (%d in a row).', step, in_a_row)
       if cfg.train.skip_nonfinite:
-        values['skipped_updates'] = skipped['total']
+        values['skipped_updates'] = skipped
       if step == first_step or step % cfg.train.log_every == 0 or step == last_step or 'eval_loss' in values or nonfinite:
         values.update(throughput.report(step))
         writer.write(step, values)

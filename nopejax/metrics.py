@@ -1,11 +1,9 @@
 """Throughput and logging: FLOPs, MFU, the progress line, metrics.jsonl and TensorBoard events."""
 import json
 import os
-import struct
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
@@ -50,15 +48,18 @@ def format_duration(seconds: float) -> str:
 
 
 class AppendFile:
-  """A file that grows: appended to in place on local disk; on an object store (gs://), where
-  objects cannot be appended to, kept in memory and rewritten whole at each flush."""
+  """A file that grows, append-only: appended to in place on local disk; on an object store
+  (gs://), where objects cannot be appended to, each flush uploads only what was written since the
+  last one, as a new object NAME.partN (`parts` lists them in order). A flush costs its own bytes,
+  never the file's length."""
 
   def __init__(self, path):
     self.path = epath.Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if paths.is_url(self.path):
-      self.contents = bytearray(self.path.read_bytes() if self.path.exists() else b'')
-      self.local = None
+      self.local, self.pending = None, bytearray()
+      self.next_part = 1 + max((_part_number(p.name, self.path.name) for p in parts(self.path) if p != self.path),
+                               default=-1)
     else:
       self.local = self.path.open('ab')
 
@@ -66,13 +67,14 @@ class AppendFile:
     if self.local:
       self.local.write(data)
     else:
-      self.contents += data
+      self.pending += data
 
   def flush(self) -> None:
     if self.local:
       self.local.flush()
-    else:
-      self.path.write_bytes(bytes(self.contents))
+    elif self.pending:
+      (self.path.parent / f'{self.path.name}.part{self.next_part:06d}').write_bytes(bytes(self.pending))
+      self.pending, self.next_part = bytearray(), self.next_part + 1
 
   def close(self) -> None:
     self.flush()
@@ -80,8 +82,44 @@ class AppendFile:
       self.local.close()
 
 
+def _part_number(name: str, base: str):
+  """N of an object named BASE.partN, else None."""
+  number = name[len(base) + len('.part'):] if name.startswith(base + '.part') else ''
+  return int(number) if number.isdigit() else None
+
+
+def parts(path) -> list:
+  """The pieces of a file AppendFile wrote, in order: the file itself if it exists, then its
+  NAME.partN objects by N. Whoever reads such a file (metrics.jsonl) reads them all: read_bytes."""
+  path = epath.Path(path)
+  numbered = []
+  if path.parent.is_dir():
+    numbered = sorted((n, p.name) for p in path.parent.iterdir() if (n := _part_number(p.name, path.name)) is not None)
+  return ([path] if path.exists() else []) + [path.parent / name for _, name in numbered]
+
+
+def read_bytes(path) -> bytes:
+  """The whole of a file AppendFile wrote (on an object store, its parts joined)."""
+  return b''.join(part.read_bytes() for part in parts(path))
+
+
+def read_metrics(workdir) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl, in order (a line cut short by a kill left out)."""
+  return [record for line in read_bytes(paths.resolve(workdir) / 'metrics.jsonl').decode().splitlines(keepends=True)
+          if (record := _record(line)) is not None]
+
+
+def _record(line: str):
+  """A metrics.jsonl line's record, or None for a line cut short by a kill."""
+  try:
+    return json.loads(line) if line.endswith('\n') else None
+  except ValueError:
+    return None
+
+
 class _AppendFileFactory:
-  """tensorboardX's hook for event files under a URL (its own gs:// writer needs google-cloud-storage)."""
+  """tensorboardX's hook for event files under a URL (its own gs:// writer needs google-cloud-storage
+  and uploads the whole file at each flush)."""
 
   def open(self, path):
     return AppendFile(path)
@@ -97,42 +135,24 @@ def _url_event_files() -> None:
 
 
 def _drop_metrics_from(path, first_step: int) -> None:
-  """metrics.jsonl without the lines of steps >= first_step (or cut short by a kill)."""
-  if not path.exists():
-    return
-  text, kept = path.read_text(), []
-  for line in text.splitlines(keepends=True):
-    try:
-      if line.endswith('\n') and json.loads(line)['step'] < first_step:
-        kept.append(line)
-    except ValueError:
-      pass
-  if ''.join(kept) != text:
-    path.write_text(''.join(kept))
-
-
-def _drop_events_from(path, first_step: int) -> None:
-  """A TensorBoard event file without the summaries of steps >= first_step (or cut short by a kill)."""
-  from tensorboardX.proto import event_pb2
-  data, kept, i = path.read_bytes(), [], 0
-  while i + 12 <= len(data):  # Records: length (8 bytes), its crc (4), the event, its crc (4).
-    (length,) = struct.unpack('<Q', data[i:i + 8])
-    end = i + 12 + length + 4
-    if end > len(data):
-      break
-    event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
-    if not event.HasField('summary') or event.step < first_step:
-      kept.append(data[i:end])
-    i = end
-  if sum(map(len, kept)) != len(data):
-    path.write_bytes(b''.join(kept))
+  """metrics.jsonl (each of its parts) without the lines of steps >= first_step (or cut short by a
+  kill); a part left empty is deleted. Only parts that hold such lines are written."""
+  for part in parts(path):
+    text = part.read_text()
+    records = [(line, _record(line)) for line in text.splitlines(keepends=True)]
+    kept = ''.join(line for line, record in records if record and record['step'] < first_step)
+    if not kept and part != path:
+      part.unlink()
+    elif kept != text:
+      part.write_text(kept)
 
 
 class Writer:
   """Writes each logged step to metrics.jsonl and TensorBoard in `workdir` (a path or URL); only
   process 0 writes. A run that starts at `first_step` first drops what an earlier start logged
-  from there on (steps after its last checkpoint, which this start trains again), so every step
-  is logged once whatever the restarts."""
+  from there on (steps after its last checkpoint, which this start trains again): from
+  metrics.jsonl, and from TensorBoard's view through the new event file's purge_step. So every
+  step is logged once whatever the restarts."""
 
   def __init__(self, workdir, first_step: int = 1):
     self.active = jax.process_index() == 0
@@ -141,12 +161,10 @@ class Writer:
       _url_event_files()
       workdir = paths.resolve(workdir)
       _drop_metrics_from(workdir / 'metrics.jsonl', first_step)
-      if (workdir / 'tensorboard').is_dir():
-        for path in (workdir / 'tensorboard').iterdir():
-          _drop_events_from(path, first_step)
       self.jsonl = AppendFile(workdir / 'metrics.jsonl')
       # One event file per start (its name has the second it was made and, here, the first step).
-      self.tensorboard = SummaryWriter(os.fspath(workdir / 'tensorboard'), filename_suffix=f'.from{first_step}')
+      self.tensorboard = SummaryWriter(os.fspath(workdir / 'tensorboard'), filename_suffix=f'.from{first_step}',
+                                       purge_step=first_step if first_step > 1 else None)
 
   def write(self, step: int, values: dict) -> None:
     if not self.active:

@@ -1,6 +1,8 @@
 """The decoder: Llama-style blocks (RMSNorm, grouped-query attention, SwiGLU); no position encoding
 by default, or RoPE (and its scalings) or ALiBi (`model.position`, positions.py): rotations and
-multipliers act on q and k before the attention kernel, a bias on the logits inside it.
+multipliers act on q and k before the attention kernel, a bias on the logits inside it. With
+`model.rope_layers` the position is per layer (a RoPE/NoPE hybrid): each layer holds its flag, and
+the scan over layers carries the flags as data.
 
 Every parameter names its logical axes (`axes=`) so sharding.py can place it on any mesh.
 Each attention layer owns a float32 `Temperature` of shape [num_heads], the multiplier c_h on q
@@ -54,7 +56,7 @@ class RMSNorm(nnx.Module):
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg, rngs):
+  def __init__(self, cfg, rngs, uses_rope=None):
     m = cfg.model
     D, H, K, Dh = m.embed_dim, m.num_heads, m.num_kv_heads, config.head_dim(cfg)
     self.q_DxHxDh = _normal(rngs, (D, H, Dh), ('embed', 'heads', 'head_dim'), m.init_std)
@@ -77,22 +79,25 @@ class Attention(nnx.Module):
     self.block_size = m.attention_block
     self.chunked_from = m.attention_chunked_from
     self.encoding = positions.from_config(cfg)
+    self.uses_rope = uses_rope  # This layer's flag (positions.layer_flags); None: as model.position.
     self.num_heads = H
     if m.position == 'kerple':  # KERPLE-log's learned (r1, r2) per head, before their softplus.
       self.kerple_r1_H, self.kerple_r2_H = (nnx.Param(jnp.full((H,), positions.KERPLE_INIT, jnp.float32),
                                                       axes=('heads',)) for _ in range(2))
 
-  def qkv(self, x_BxTxD, positions_BxT, length=None):
+  def qkv(self, x_BxTxD, positions_BxT, length=None, uses_rope=None):
     """Projections, with the position encoding applied to q and k and the temperature to q.
 
     length: the context length that dynamic scalings read (default T; the cache length when decoding).
+    uses_rope: a traced per-layer flag in place of the layer's own (scanned layers share one module).
     """
     dt = self.dtype
     q_BxTxHxDh = project(x_BxTxD, self.q_DxHxDh[...].astype(dt))
     k_BxTxKxDh = project(x_BxTxD, self.k_DxKxDh[...].astype(dt))
     v_BxTxKxDh = project(x_BxTxD, self.v_DxKxDh[...].astype(dt))
     q_BxTxHxDh, k_BxTxKxDh = positions.apply(self.encoding, q_BxTxHxDh, k_BxTxKxDh, positions_BxT,
-                                             length or x_BxTxD.shape[1])
+                                             length or x_BxTxD.shape[1],
+                                             self.uses_rope if uses_rope is None else uses_rope)
     slope_H = self.temperature_slope[...] if self.schedule == 'log' else None
     temperature_BxTxH = attention.query_temperatures(self.schedule, positions_BxT, self.schedule_length,
                                                      self.temperature[...], slope_H, self.octave_shape)
@@ -111,8 +116,8 @@ class Attention(nnx.Module):
     learned = (self.kerple_r1_H[...], self.kerple_r2_H[...]) if self.encoding.position == 'kerple' else None
     return positions.bias(self.encoding, self.num_heads, learned)
 
-  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
-    q, k, v = self.qkv(x_BxTxD, positions_BxT)
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, uses_rope=None):
+    q, k, v = self.qkv(x_BxTxD, positions_BxT, uses_rope=uses_rope)
     return self.out(attention.attend(q, k, v, segment_ids_BxT, self.implementation, self.block_size,
                                      self.chunked_from, self.rules, positions_BxT, self.bias()))
 
@@ -161,14 +166,14 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg, rngs):
+  def __init__(self, cfg, rngs, uses_rope=None):
     self.attention_norm = RMSNorm(cfg.model.embed_dim, cfg.model.norm_eps)
-    self.attention = Attention(cfg, rngs)
+    self.attention = Attention(cfg, rngs, uses_rope)
     self.mlp_norm = RMSNorm(cfg.model.embed_dim, cfg.model.norm_eps)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
-    x_BxTxD = x_BxTxD + self.attention(self.attention_norm(x_BxTxD), segment_ids_BxT, positions_BxT)
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, uses_rope=None):
+    x_BxTxD = x_BxTxD + self.attention(self.attention_norm(x_BxTxD), segment_ids_BxT, positions_BxT, uses_rope)
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
 
   def forward_chunked(self, x_BxTxD, query_chunk, with_entropy=False, length=None):
@@ -195,13 +200,14 @@ REMAT_POLICIES = {
 
 
 def _block_fn(graphdef, remat, prevent_cse=True):
-  """pure(block_state, x_BxTxD, segment_ids_BxT, positions_BxT) -> x_BxTxD, under `remat` (a config.REMAT name).
+  """pure(block_state, x_BxTxD, segment_ids_BxT, positions_BxT, uses_rope=None) -> x_BxTxD, under `remat`
+  (a config.REMAT name); uses_rope: a scanned hybrid's traced per-layer flag.
 
   Plain jax.checkpoint over the block's split state, because nnx.remat writes variables back
   afterwards, which fails when the model was merged inside an outer jax.grad.
   """
-  def pure_block(block_state, x_BxTxD, segment_ids_BxT, positions_BxT):
-    return nnx.merge(graphdef, block_state)(x_BxTxD, segment_ids_BxT, positions_BxT)
+  def pure_block(block_state, x_BxTxD, segment_ids_BxT, positions_BxT, uses_rope=None):
+    return nnx.merge(graphdef, block_state)(x_BxTxD, segment_ids_BxT, positions_BxT, uses_rope)
 
   if remat == 'none':
     return pure_block
@@ -228,7 +234,10 @@ class Transformer(nnx.Module):
   def __init__(self, cfg, rngs):
     m = cfg.model
     self.embed_VxD = _normal(rngs, (m.vocab_size, m.embed_dim), ('vocab', 'embed'), m.init_std)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(m.num_layers)])
+    # Per-layer position (model.rope_layers): None, or one bool per layer, True where RoPE applies.
+    self.rope_layers = positions.layer_flags(m.rope_layers, m.num_layers)
+    self.blocks = nnx.List([Block(cfg, rngs, None if self.rope_layers is None else self.rope_layers[i])
+                            for i in range(m.num_layers)])
     self.final_norm = RMSNorm(m.embed_dim, m.norm_eps)
     if not m.tie_embeddings:  # Tied: the output projection is the embedding, transposed.
       self.head_DxV = _normal(rngs, (m.embed_dim, m.vocab_size), ('embed', 'vocab'), m.init_std)
@@ -256,19 +265,21 @@ class Transformer(nnx.Module):
       # carry leaves the scan body, never the weights.
       block = _block_fn(graphdef, self.remat, prevent_cse=False)
 
-      def scan_body(x_BxTxD, block_state):
+      def scan_body(x_BxTxD, layer):
+        block_state, uses_rope = layer
         x_BxTxD = sharding.constrain(x_BxTxD, ('batch', 'seq', 'act_embed'), self.rules)
-        return block(block_state, x_BxTxD, segment_ids_BxT, positions_BxT), None
+        return block(block_state, x_BxTxD, segment_ids_BxT, positions_BxT, uses_rope), None
 
-      x_BxTxD, _ = jax.lax.scan(scan_body, x_BxTxD, _stack_blocks(self.blocks, self.rules))
+      # A hybrid's flags travel with the layers' weights: one body serves RoPE and NoPE layers.
+      flags_L = None if self.rope_layers is None else jnp.asarray(self.rope_layers)
+      x_BxTxD, _ = jax.lax.scan(scan_body, x_BxTxD, (_stack_blocks(self.blocks, self.rules), flags_L))
       return x_BxTxD
-    block = _block_fn(graphdef, self.remat)
     for layer in self.blocks:
       x_BxTxD = sharding.constrain(x_BxTxD, ('batch', 'seq', 'act_embed'), self.rules)
       if self.remat == 'none':
         x_BxTxD = layer(x_BxTxD, segment_ids_BxT, positions_BxT)
-      else:
-        x_BxTxD = block(nnx.state(layer), x_BxTxD, segment_ids_BxT, positions_BxT)
+      else:  # Each layer's own graphdef: a hybrid's layers differ in their flag.
+        x_BxTxD = _block_fn(nnx.graphdef(layer), self.remat)(nnx.state(layer), x_BxTxD, segment_ids_BxT, positions_BxT)
     return x_BxTxD
 
   # ------------------------------------------------------------------------------------------
@@ -324,10 +335,15 @@ class Transformer(nnx.Module):
     return self.head(x_Bx1xD)[:, 0], new_cache
 
 
-def set_temperatures(state, value):
-  """`state` with every temperature set to `value` (same shapes, dtypes and shardings): a uniform c.
+def set_temperatures(state, value, cfg=None):
+  """`state` with a uniform c on every head (same shapes, dtypes and shardings).
 
+  With `cfg` (the model's config) and the ssmax schedule, c is the multiplier at i = L as model
+  init reads model.temperature: s_h = c / ln L. Without it, every temperature is set to `value` as is.
   The log schedule's slopes a_h stay as they are (0 unless trained)."""
+  if cfg is not None and cfg.model.temperature_schedule == 'ssmax':
+    value = value / math.log(config.temperature_length(cfg))
+
   def set_value(v):
     is_temperature = isinstance(v, Temperature) and not isinstance(v, TemperatureSlope)
     return v.replace(jnp.full_like(v[...], value)) if is_temperature else v

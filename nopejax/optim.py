@@ -4,12 +4,19 @@ Pretraining and the temperature search share this code path. The model state is 
 trainable partition and a frozen one; the optimizer only ever sees the trainable partition, so the
 frozen one has no optimizer state, no gradient, and no part in gradient clipping.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from nopejax import config
 from nopejax.model import Temperature, TemperatureSlope
+
+# optax.apply_if_finite gives up and applies a non-finite update after this many in a row; never
+# here: the loop stops the run instead (train.skip_nonfinite), so no state ever holds a NaN.
+_NEVER = 2 ** 31 - 1
 
 
 def trainable_filter(cfg):
@@ -30,9 +37,17 @@ def learning_rate_schedule(cfg, peak=None) -> optax.Schedule:
       decay_steps=t.steps, end_value=peak * t.final_lr_fraction)
 
 
+def decays(v) -> bool:
+  """Whether weight decay applies to a variable: to weight matrices (kernels and embeddings, the
+  Params with an 'embed' axis) only, never to temperatures or their slopes (whatever their shape),
+  norm scales or per-head position parameters."""
+  if isinstance(v, Temperature) or not isinstance(v, nnx.Param):
+    return False
+  return 'embed' in (v.get_metadata().get('axes') or ())
+
+
 def _decay_mask(params):
-  # Decay matrices only: norms' scales and temperatures are vectors and stay undecayed.
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  return jax.tree.map(decays, params, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 def _adamw(cfg, learning_rate, weight_decay, clip_norm, decay_mask) -> optax.GradientTransformation:
@@ -51,15 +66,43 @@ def partition_labels(params):
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW over the trainable partition, inside optax.apply_if_finite: an update whose gradient is
+  not finite is skipped (weights and optimizer state, schedule count included, stay as they were),
+  and the state counts such updates (skipped_updates), so the counts resume with the checkpoint."""
   t = cfg.train
-  weights = _adamw(cfg, t.learning_rate, t.weight_decay, t.clip_norm, _decay_mask)
-  if t.trainable != 'model+temperature':
-    return weights
-  # Two partitions, each clipped by its own global norm, with its own rate and decay: the few
-  # temperatures would otherwise be clipped by the weights' gradient norm and move at their rate.
-  # Their decay (default 0) pulls every temperature toward 0, vectors included.
-  temperatures = _adamw(cfg, t.temperature.learning_rate, t.temperature.weight_decay, t.temperature.clip_norm, None)
-  return optax.multi_transform({'model': weights, 'temperature': temperatures}, partition_labels)
+  tx = _adamw(cfg, t.learning_rate, t.weight_decay, t.clip_norm, _decay_mask)
+  if t.trainable == 'model+temperature':
+    # Two partitions, each clipped by its own global norm, with its own rate and decay: the few
+    # temperatures would otherwise be clipped by the weights' gradient norm and move at their rate.
+    # Their decay (default 0) pulls every temperature toward 0, vectors included.
+    temperatures = _adamw(cfg, t.temperature.learning_rate, t.temperature.weight_decay, t.temperature.clip_norm, None)
+    tx = optax.multi_transform({'model': tx, 'temperature': temperatures}, partition_labels)
+  return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER)
+
+
+def skipped_updates(opt_state) -> dict:
+  """{'nonfinite_in_a_row', 'skipped_updates'}: the non-finite updates skipped in a row up to the
+  last one, and in all since the optimizer was made (both kept in its state)."""
+  return {'nonfinite_in_a_row': opt_state.notfinite_count, 'skipped_updates': opt_state.total_notfinite}
+
+
+def applied_learning_rate(cfg, opt_state):
+  """The weights' learning rate the next update applies: train.learning_rate's schedule at the
+  schedule's own count in `opt_state` (updates applied, skipped ones not counted), not at the step."""
+  state = opt_state.inner_state
+  if hasattr(state, 'inner_states'):  # model+temperature: the weights' partition.
+    state = state.inner_states['model']
+  is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)
+  count = next(s.count for s in jax.tree.leaves(state, is_leaf=is_schedule) if is_schedule(s))
+  return learning_rate_schedule(cfg)(count)
+
+
+def min_temperature(cfg) -> float:
+  """search.min_temperature as a bound on the stored temperature: the multiplier itself, or for the
+  ssmax schedule (multiplier s_h ln i) its s_h, bounded so the multiplier at i = L is at least it."""
+  if cfg.model.temperature_schedule == 'ssmax':
+    return cfg.search.min_temperature / math.log(config.temperature_length(cfg))
+  return cfg.search.min_temperature
 
 
 def clamp_temperatures(params, minimum: float, min_slope: float | None = None, share_slopes: bool = False):

@@ -54,10 +54,11 @@ def set_temperatures_by_layer(state, values) -> object:
 
 
 def uniform_sweep(cfg, params, frozen, validation_loss):
-  """The best uniform temperature for the target length: validation loss at data.seq_len for each candidate."""
+  """The best uniform temperature for the target length: validation loss at data.seq_len for each
+  candidate c (for ssmax, the multiplier at L: model.set_temperatures)."""
   losses = {}
   for c in cfg.search.init_candidates:
-    losses[c] = validation_loss(model.set_temperatures(params, c), frozen)
+    losses[c] = validation_loss(model.set_temperatures(params, c, cfg), frozen)
     logging.info('search.init sweep: c=%.2f validation loss %.4f', c, losses[c])
   best = min(losses, key=losses.get)
   return best, losses
@@ -97,7 +98,7 @@ def start_state(cfg, workdir, graphdef, abstract, shardings, tx, validation_loss
       paths.write_text(paths.resolve(workdir) / 'search_init.json', json.dumps(
           {'chosen': init, 'validation_loss': {str(c): l for c, l in losses.items()}}, indent=2))
   logging.info('Temperature search from %s step %d, every temperature starting at %.2f.', base_dir, base_step, init)
-  params = jax.device_put(model.set_temperatures(params, init), shardings['params'])
+  params = jax.device_put(model.set_temperatures(params, init, cfg), shardings['params'])
   return _fresh_state(params, frozen, shardings, tx), {'workdir': str(base_dir), 'step': base_step}
 
 

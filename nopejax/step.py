@@ -10,44 +10,28 @@ import optax
 from flax import nnx
 
 from nopejax import config, data, optim, sharding
+from nopejax import loss as loss_lib
 from nopejax.model import Transformer
 
-
-def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
-  """Sum of next-token losses where mask is 1, and the number of those tokens."""
-  losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-  return jnp.sum(losses_BxT * mask_BxT), jnp.sum(mask_BxT)
+cross_entropy = loss_lib.cross_entropy
 
 
-def chunked_cross_entropy(head, x_BxTxD, targets_BxT, mask_BxT, chunk, rules):
-  """cross_entropy(head(x), ...) over `chunk` positions at a time: the float32 logits of one chunk
-  ([B, chunk, V]) exist at once, in the backward pass too (each chunk's are recomputed)."""
-  B, T, D = x_BxTxD.shape
-  n = T // chunk
-
-  def chunks(a):  # [B, T, ...] -> [n, B, chunk, ...], batch sharding kept.
-    return a.reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
-
-  @jax.checkpoint
-  def chunk_sums(sums, inputs):
-    x_BxCxD, targets_BxC, mask_BxC = inputs
-    # Pinned as the unchunked logits are, so the partitioner treats every chunk like the whole.
-    x_BxCxD = sharding.constrain(x_BxCxD, ('batch', 'seq', 'act_embed'), rules)
-    logits_BxCxV = sharding.constrain(head(x_BxCxD), ('batch', 'seq', 'vocab'), rules)
-    loss_sum, count = cross_entropy(logits_BxCxV, targets_BxC, mask_BxC)
-    return (sums[0] + loss_sum, sums[1] + count), None
-
-  zero = jnp.zeros((), jnp.float32)
-  (loss_sum, count), _ = jax.lax.scan(chunk_sums, (zero, zero), (chunks(x_BxTxD), chunks(targets_BxT), chunks(mask_BxT)))
-  return loss_sum, count
+def head_inputs(model, x_BxTxD):
+  """What Transformer.head multiplies, for loss_lib.chunked_cross_entropy: the final-normed states
+  and the output projection [D, V], both in the model's dtype (head(x) = their product, in float32)."""
+  w_DxV = model.embed_VxD[...].T if model.tie_embeddings else model.head_DxV[...]
+  return model.final_norm(x_BxTxD), w_DxV.astype(model.dtype)
 
 
 def loss_sums(cfg, model, batch):
-  """(sum of next-token losses, token count) of a batch, the logits in train.loss_chunk pieces if set."""
+  """(sum of next-token losses, token count) of a batch; with train.loss_chunk, the logits and
+  their gradient train.loss_chunk positions at a time, never for the whole batch."""
   x_BxTxD = model.hidden(batch['inputs'], _segments(cfg, batch), batch['positions'])
-  chunk = cfg.train.loss_chunk
-  if chunk and x_BxTxD.shape[1] > chunk:
-    return chunked_cross_entropy(model.head, x_BxTxD, batch['targets'], batch['loss_mask'], chunk, cfg.mesh.rules)
+  chunk = min(cfg.train.loss_chunk, x_BxTxD.shape[1])
+  if chunk:
+    total = loss_lib.chunked_cross_entropy(*head_inputs(model, x_BxTxD), batch['targets'], batch['loss_mask'], chunk,
+                                           cfg.mesh.rules)
+    return total, jnp.sum(batch['loss_mask'])
   return cross_entropy(model.head(x_BxTxD), batch['targets'], batch['loss_mask'])
 
 
@@ -73,7 +57,6 @@ def _segments(cfg, batch):
 
 def make_train_step(cfg, graphdef, tx):
   """Returns train_step(state, batch) -> (state, metrics), to be jitted by the caller."""
-  schedule = optim.learning_rate_schedule(cfg)
   clamp = cfg.train.trainable == 'temperature'
   lengths = config.search_lengths(cfg)  # (data.seq_len,) unless search.lengths mixes several.
 
@@ -105,21 +88,20 @@ def make_train_step(cfg, graphdef, tx):
   def train_step(state, batch):
     loss, grads = loss_and_grads(state['params'], state['frozen'], batch)
     grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient leaves weights and optimizer state as they were (the optimizer
+    # skips it: optim.make_optimizer), so no state ever holds a NaN and no checkpoint can; the loop
+    # stops or skips (train.skip_nonfinite). A non-finite loss counts as a non-finite gradient.
+    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     if clamp:
-      params = optim.clamp_temperatures(params, cfg.search.min_temperature, config.search_min_slope(cfg),
+      params = optim.clamp_temperatures(params, optim.min_temperature(cfg), config.search_min_slope(cfg),
                                         cfg.search.share_slopes)
-    # A non-finite loss or gradient leaves weights and optimizer state as they were, so no state
-    # ever holds a NaN and no checkpoint can; the loop stops or skips (train.skip_nonfinite).
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt),
-                               (state['params'], state['opt']))
     metrics = {
         'loss': loss,
         'grad_norm': grad_norm,
-        'learning_rate': schedule(state['step']),
-        'nonfinite': 1 - finite.astype(jnp.int32),
+        'learning_rate': optim.applied_learning_rate(cfg, state['opt']),  # Skipped updates do not count.
+        **optim.skipped_updates(opt),
     }
     return dict(state, step=state['step'] + 1, params=params, opt=opt), metrics
 

@@ -3,7 +3,7 @@ import json
 import os
 import shutil
 import signal
-import socket
+import sys
 import time
 
 import jax
@@ -14,7 +14,7 @@ from flax import nnx
 
 import nopejax
 from conftest import small_config
-from nopejax import checkpoint, config, data, loop
+from nopejax import config, data, loop, optim
 from nopejax.config import ConfigError
 
 
@@ -110,8 +110,9 @@ def test_dry_run_sizes_the_1b_model_without_memory():
   assert report['params'] == 1_100_048_384 and report['temperatures'] == 704
   # Matrices split 8 ways over fsdp, norms and temperatures replicated, float32.
   assert report['param_bytes_per_device'] == (1_100_048_384 - 45 * 2048) * 4 // 8 + (45 * 2048 + 704) * 4
-  # Adam moments of the weights (temperatures are frozen: none for them) plus two int32 step counters.
-  assert report["optimizer_bytes_per_device"] == 2 * ((1_100_048_384 - 45 * 2048) * 4 // 8 + 45 * 2048 * 4) + 8
+  # Adam moments of the weights (temperatures are frozen: none for them) plus two int32 step counters
+  # and the skipped updates' counts (two int32, one bool).
+  assert report["optimizer_bytes_per_device"] == 2 * ((1_100_048_384 - 45 * 2048) * 4 // 8 + 45 * 2048 * 4) + 17
 
 
 def test_sigterm_finishes_the_step_saves_and_the_resumed_run_matches_logging_each_step_once(full_run, tfds_dir, tmp_path, monkeypatch):
@@ -189,6 +190,21 @@ def test_skip_nonfinite_skips_bad_updates_counts_them_and_stops_after_n_in_a_row
   assert os.listdir(tmp_path / 'checkpoints') == ['10']  # Two skips in a row are allowed: 10 was saved.
 
 
+def test_skipped_updates_and_the_applied_learning_rate_go_on_from_the_checkpoint(tfds_dir, tmp_path, monkeypatch):
+  cfg = small_config(tfds_dir)
+  cfg.train.skip_nonfinite, cfg.train.steps, cfg.train.stop_after, cfg.train.checkpoint_every = 1, 8, 4, 4
+  poison_batch(monkeypatch, {2})
+  loop.run(cfg, str(tmp_path))
+  cfg.train.stop_after = 0
+  loop.run(cfg, str(tmp_path))  # Resumes from step 4, in a fresh loop.
+  records = {m['step']: m for m in read_metrics(tmp_path)}
+  assert [records[s]['skipped_updates'] for s in range(1, 9)] == [0] + [1] * 7
+  # Step s applies the schedule at the updates applied before it: s - 1, less the one skipped after step 1.
+  schedule = optim.learning_rate_schedule(cfg)
+  np.testing.assert_allclose([records[s]['learning_rate'] for s in range(1, 9)],
+                             [float(schedule(min(s - 1, 1) + max(s - 3, 0))) for s in range(1, 9)], rtol=1e-6)
+
+
 def damage(step_dir):
   """Overwrites every data file of a checkpoint step's model item, as a failing disk would."""
   for root, _, files in os.walk(os.path.join(step_dir, 'model')):
@@ -205,11 +221,31 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_step(full_run, t
   damage(os.path.join(workdir, 'checkpoints', '40'))
   os.makedirs(os.path.join(workdir, 'checkpoints', '50.orbax-checkpoint-tmp-1700000000'))  # A save cut short.
   loop.run(cfg, workdir)
-  assert 'checkpoints/40 does not fit this model or is damaged' in caplog.text
+  assert 'checkpoints/40 is damaged' in caplog.text
   assert 'Resuming from step 30 instead; the damaged step is kept as' in caplog.text
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '30', '40', '40.damaged']
   assert [m['step'] for m in read_metrics(workdir)] == list(range(1, 41))  # 31-40 once, trained again.
   assert losses(workdir, 31, 40) == losses(full_dir, 31, 40)
+
+
+def test_restores_leave_the_unraisable_hook_as_they_found_it(full_run, tmp_path, monkeypatch):
+  _, full_dir = full_run
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(full_dir, workdir)
+  for step in ('20', '30', '40'):
+    damage(os.path.join(workdir, 'checkpoints', step))
+  before = sys.unraisablehook
+  nopejax.load(full_dir)
+  assert sys.unraisablehook is before
+  monkeypatch.setattr('nopejax.checkpoint.io.ECHO_GRACE_S', 0.2)
+  with pytest.raises(ConfigError, match='damaged'):
+    nopejax.load(workdir)
+  # The failed reads' late callbacks are still dropped for a moment; then the hook is back.
+  for _ in range(50):
+    if sys.unraisablehook is before:
+      break
+    time.sleep(0.1)
+  assert sys.unraisablehook is before
 
 
 def test_when_no_checkpoint_reads_back_the_run_stops_in_one_sentence_and_renames_nothing(full_run, tmp_path):
@@ -219,34 +255,6 @@ def test_when_no_checkpoint_reads_back_the_run_stops_in_one_sentence_and_renames
   for step in ('20', '30', '40'):
     damage(os.path.join(workdir, 'checkpoints', step))
   before = tree_digest(workdir)
-  with pytest.raises(ConfigError, match=r'checkpoints/40 does not fit this model or is damaged .*; use a matching config'):
+  with pytest.raises(ConfigError, match=r'checkpoints/40 is damaged .*; delete that step directory'):
     loop.run(cfg, workdir)
   assert tree_digest(workdir) == before
-
-
-def test_a_second_run_on_a_live_runs_workdir_is_refused(full_run, tmp_path):
-  cfg, full_dir = full_run
-  workdir = str(tmp_path / 'copy')
-  shutil.copytree(full_dir, workdir)
-  holder = {'host': socket.gethostname(), 'pid': os.getppid(), 'token': 'other', 'started': '2026-11-23 10:00:00',
-            'heartbeat': 0}
-  with open(os.path.join(workdir, 'lock.json'), 'w') as f:
-    json.dump(holder, f)
-  before = tree_digest(workdir)
-  with pytest.raises(ConfigError, match=rf'copy is in use by the run of pid {os.getppid()} on {socket.gethostname()} '
-                     r'\(started 2026-11-23 10:00:00\); stop that run or use another --workdir'):
-    loop.run(cfg, workdir)
-  assert tree_digest(workdir) == before
-
-
-def test_the_lock_of_a_dead_run_is_taken_over(tmp_path, monkeypatch):
-  for holder in ({'host': socket.gethostname(), 'pid': 2 ** 22 + 7, 'heartbeat': 0},  # No such process here.
-                 {'host': 'elsewhere', 'pid': 1, 'heartbeat': time.time() - 600}):  # Silent for 10 minutes.
-    (tmp_path / 'lock.json').write_text(json.dumps(dict(holder, token='old', started='then')))
-    with checkpoint.WorkdirLock(str(tmp_path)):
-      assert json.loads((tmp_path / 'lock.json').read_text())['pid'] == os.getpid()
-    assert not (tmp_path / 'lock.json').exists()
-  (tmp_path / 'lock.json').write_text(json.dumps({'host': 'elsewhere', 'pid': 1, 'heartbeat': time.time(),
-                                                  'token': 'old', 'started': 'now'}))
-  with pytest.raises(ConfigError, match='is in use by the run of pid 1 on elsewhere'):
-    checkpoint.WorkdirLock(str(tmp_path)).__enter__()

@@ -1,5 +1,6 @@
 import json
 import os
+import pathlib
 import struct
 
 import numpy as np
@@ -65,21 +66,39 @@ def test_log_line_has_eta():
   assert line == 'step 10/110 | loss 2.0000 | lr 0.001 | tokens/s 5,000 | MFU 25.00% | ETA 0:03:20'
 
 
-def test_writer_on_an_object_store_rewrites_whole_files(gcs):
-  # GCS objects cannot be appended to: each flush writes the whole file again, and a restart keeps
-  # what the file already held.
-  for step in (1, 2):
-    writer = metrics.Writer('gs://bucket/run', first_step=step)
-    writer.write(step, {'loss': float(step)})
-    writer.close()
+def test_writer_on_an_object_store_uploads_each_flush_alone_and_a_restart_rewrites_only_its_tail(gcs, monkeypatch):
+  # GCS objects cannot be appended to: each flush uploads what is new as its own object, so the bytes
+  # per flush stay flat however long the file grows (rewriting whole files would grow them linearly).
+  uploads = []
+  real_put = gcs._put
+  monkeypatch.setattr(gcs, '_put', lambda name, data, *args: uploads.append((name, len(data))) or real_put(name, data, *args))
+  writer = metrics.Writer('gs://bucket/run')
+  per_flush = []
+  for step in range(10, 70):
+    before = len(uploads)
+    writer.write(step, {'loss': 1.0})
+    per_flush.append(sum(n for name, n in uploads[before:] if '/metrics.jsonl' in name))
+  writer.close()
+  assert per_flush == [len('{"step": 10, "loss": 1.0}\n')] * 60
+  assert metrics.read_metrics('gs://bucket/run') == [{'step': step, 'loss': 1.0} for step in range(10, 70)]
+  # TensorBoard's flushes come from its writer thread: each event file part is uploaded once, never again.
+  event_uploads = [(name, n) for name, n in uploads if '/tensorboard/' in name]
   stored = gcs.objects()
-  assert stored['bucket/run/metrics.jsonl'].decode().splitlines() == ['{"step": 1, "loss": 1.0}', '{"step": 2, "loss": 2.0}']
-  events = [name for name in stored if name.startswith('bucket/run/tensorboard/events.out.tfevents')]
-  assert events and all(len(stored[name]) > 50 for name in events)
+  assert len(event_uploads) > 1 and len({name for name, _ in event_uploads}) == len(event_uploads)
+  assert sum(n for _, n in event_uploads) == sum(len(data) for name, data in stored.items() if '/tensorboard/' in name)
+  uploads.clear()
+  writer = metrics.Writer('gs://bucket/run', first_step=60)  # Resumed from the checkpoint of step 59.
+  assert [name for name, _ in uploads if '/metrics.jsonl' in name] == []  # Steps 60-69's parts deleted, no rewrite.
+  writer.write(60, {'loss': 2.0})
+  writer.close()
+  assert [(r['step'], r['loss']) for r in metrics.read_metrics('gs://bucket/run')][-2:] == [(59, 1.0), (60, 2.0)]
+  names = [name for name in gcs.objects() if name.startswith('bucket/run/metrics.jsonl')]
+  assert len(names) == 51 and all(name.startswith('bucket/run/metrics.jsonl.part') for name in names)
 
 
 def event_steps(directory):
-  """(tag, step) of every scalar in the TensorBoard event files of `directory`."""
+  """(tag, step) of every scalar TensorBoard shows from the event files of `directory`: read in the order
+  of their names, a purge_step's START event hiding the earlier files' steps from that step on."""
   from tensorboardX.proto import event_pb2
   found = []
   for name in sorted(os.listdir(directory)):
@@ -87,6 +106,8 @@ def event_steps(directory):
     while i < len(data):
       (length,) = struct.unpack('<Q', data[i:i + 8])
       event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      if event.session_log.status == event_pb2.SessionLog.START:
+        found = [(tag, step) for tag, step in found if step < event.step]
       found += [(value.tag, event.step) for value in event.summary.value]
       i += 16 + length
   return found
@@ -106,4 +127,15 @@ def test_a_restart_drops_what_was_logged_after_its_checkpoint(tmp_path):
   with open(tmp_path / 'metrics.jsonl') as f:
     records = [json.loads(line) for line in f]
   assert [(r['step'], r['loss']) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+  assert metrics.read_metrics(str(tmp_path)) == records
   assert sorted(event_steps(tmp_path / 'tensorboard')) == [('loss', step) for step in range(1, 7)]
+
+
+def test_training_on_cpu_logs_no_mfu_and_the_docs_say_so():
+  cfg = small_config()
+  cfg.train.peak_flops_per_device = 0.0
+  assert metrics.peak_flops_per_device(cfg) is None  # The CPU test devices: no peak, so no 'mfu'.
+  docs = pathlib.Path(__file__).resolve().parent.parent / 'docs'
+  scaling = ' '.join((docs / 'scaling.md').read_text().split())
+  assert 'measured matmul peak shared' not in scaling
+  assert 'On CPU and any other device without one, training measures no peak: `metrics.jsonl` has no `mfu`' in scaling

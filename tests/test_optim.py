@@ -110,3 +110,55 @@ def test_model_and_temperature_partitions_move_with_their_own_rate_and_clipping(
           if isinstance(s, optax.ScaleByAdamState)]
   norms = sorted(float(optax.tree.norm(s.mu)) for s in adam)
   np.testing.assert_allclose(norms, [(1 - cfg.train.b1) * 1e-2, (1 - cfg.train.b1) * 1.0], rtol=1e-4)
+
+
+def test_weight_decay_never_moves_temperatures_or_octave_slopes_whatever_their_shape():
+  # Slopes of 2 octaves are [K, H] matrices: decay by rank would pull them toward 0 at train.weight_decay.
+  for trainable in ('temperature', 'model+temperature'):
+    cfg = small_config()
+    cfg.train.trainable = trainable
+    cfg.model.temperature_schedule, cfg.model.temperature_length, cfg.model.temperature_octaves = 'log', 8, 2
+    cfg.train.warmup_steps, cfg.train.learning_rate, cfg.train.weight_decay = 0, 1e-2, 0.5
+    cfg.train.temperature.weight_decay = 0.0
+    _, params, _ = split(cfg)
+    params = jax.tree.map(lambda v: v.replace(v[...] + 1.0) if isinstance(v, model.TemperatureSlope) else v, params,
+                          is_leaf=lambda v: isinstance(v, nnx.Variable))  # Nonzero, so decay would move them.
+    tx = optim.make_optimizer(cfg)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    moved = {str(path[-2].key) for path, u in jax.tree_util.tree_flatten_with_path(updates)[0] if np.abs(u).max() > 0}
+    assert 'temperature_slope' in names(params)
+    assert moved == ({'q_DxHxDh', 'k_DxKxDh', 'v_DxKxDh', 'o_HxDhxD', 'gate_DxF', 'up_DxF', 'down_FxD', 'embed_VxD',
+                      'head_DxV'} if trainable == 'model+temperature' else set()), trainable
+
+
+def test_a_skipped_update_is_counted_in_the_state_and_leaves_the_schedule_where_it_was():
+  cfg = small_config()
+  cfg.train.learning_rate, cfg.train.warmup_steps = 0.1, 10
+  _, params, _ = split(cfg)
+  tx = optim.make_optimizer(cfg)
+  update = jax.jit(tx.update)
+  opt = tx.init(params)
+  ones, nans = (jax.tree.map(lambda p: jnp.full_like(p, fill), params) for fill in (1.0, jnp.nan))
+  for grads in (ones, nans, nans, ones):
+    updates, opt = update(grads, opt, params)
+    params = optax.apply_updates(params, updates)
+  assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+  assert {k: int(v) for k, v in optim.skipped_updates(opt).items()} == {'nonfinite_in_a_row': 0, 'skipped_updates': 2}
+  # Two updates applied: the next one applies the schedule at count 2, whatever the step.
+  np.testing.assert_allclose(float(optim.applied_learning_rate(cfg, opt)), 0.1 * 2 / 10, rtol=1e-6)
+  cfg.train.trainable = 'model+temperature'
+  tx = optim.make_optimizer(cfg)
+  opt = tx.init(split(cfg)[1])
+  assert float(optim.applied_learning_rate(cfg, opt)) == 0.0
+
+
+def test_min_temperature_bounds_the_ssmax_multiplier_at_the_schedule_length():
+  cfg = small_config()
+  cfg.search.min_temperature = 1.2
+  assert optim.min_temperature(cfg) == 1.2
+  cfg.model.temperature_schedule, cfg.model.temperature_length = 'ssmax', 64
+  s_min = optim.min_temperature(cfg)
+  np.testing.assert_allclose(s_min * np.log(64), 1.2, rtol=1e-12)  # The multiplier s_h ln i at i = L.
+  state = model.set_temperatures(nnx.state(model.Transformer(cfg, nnx.Rngs(0)), model.Temperature), 0.1)
+  clamped = jax.tree.leaves(optim.clamp_temperatures(state, s_min))
+  assert clamped and all(np.allclose(leaf, s_min) for leaf in clamped)

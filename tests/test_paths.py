@@ -11,6 +11,7 @@ from etils import epath
 import nopejax
 from conftest import small_config
 from nopejax import evaluate, loop, paths
+from nopejax import metrics as metrics_lib
 
 EVAL_OVERRIDES = {'eval.lengths': (16, 64), 'eval.max_tokens': 64, 'eval.batch_size': 4, 'eval.passkey_keys': 0,
                   'eval.entropy_documents': 2, 'eval.position_documents': 2, 'eval.query_chunk': 64}
@@ -77,7 +78,8 @@ def test_pretrain_resume_search_and_evaluate_on_gcs(gcs, no_url_on_local_disk, t
 
   assert no_url_on_local_disk == [] and not os.path.exists(tmp_path / 'gs:')
   stored = gcs.objects()
-  metrics = [json.loads(line) for line in stored['bucket/pretrain/metrics.jsonl'].decode().splitlines()]
+  metrics = metrics_lib.read_metrics('gs://bucket/pretrain')
+  assert 'bucket/pretrain/metrics.jsonl' not in stored  # Appended as part objects, never rewritten.
   assert [m['step'] for m in metrics] == list(range(1, 9))
   assert json.loads(stored['bucket/pretrain/config.json'])['data']['text_dir'] == 'gs://bucket/corpus'
   steps = {name.split('/')[3] for name in stored if name.startswith('bucket/pretrain/checkpoints/')}

@@ -122,9 +122,10 @@ def test_optimizer_state_exists_only_for_temperatures(tfds_dir, base_run):
   mesh = sharding.make_mesh(cfg)
   _, abstract, _ = step_lib.abstract_state(cfg, mesh, optim.make_optimizer(cfg))
   leaves = jax.tree.leaves(abstract['opt'])
-  # Adam's two moments per temperature (2 layers x 4 heads), plus Adam's and the schedule's step counters.
+  # Adam's two moments per temperature (2 layers x 4 heads), plus Adam's and the schedule's step counters
+  # and the counts of skipped updates.
   assert sum(x.size for x in leaves if x.dtype == jnp.float32) == 2 * 2 * 4
-  assert [x.shape for x in leaves if x.dtype != jnp.float32] == [(), ()]
+  assert [x.shape for x in leaves if x.dtype != jnp.float32] == [()] * 5
   assert model.count_params(abstract['params'], exclude=None) == 8
 
 
@@ -183,6 +184,37 @@ def test_uniform_sweep_picks_the_lowest_validation_loss():
   fake_loss = lambda params, frozen: abs(search.temperatures_by_layer(params)[0][0] - 1.4)
   best, losses = search.uniform_sweep(cfg, params, None, fake_loss)
   assert best == 1.5 and set(losses) == {1.0, 1.5, 2.0}
+
+
+def test_uniform_sweep_of_an_ssmax_model_sets_the_multiplier_at_the_schedule_length():
+  cfg = small_config()
+  cfg.model.temperature_schedule, cfg.model.temperature_length = 'ssmax', 64
+  cfg.search.init_candidates = (1.0, 1.5)
+  params = nnx.state(model.Transformer(cfg, nnx.Rngs(0)), model.Temperature)
+  seen = []
+  search.uniform_sweep(cfg, params, None, lambda params, frozen: seen.append(search.temperatures_by_layer(params)) or 0.0)
+  np.testing.assert_allclose(np.array(seen) * np.log(64), np.array([1.0, 1.5])[:, None, None] * np.ones((2, 2, 4)))
+
+
+def test_ssmax_search_starts_clamps_and_loads_temperatures_as_multipliers_at_the_schedule_length(
+    base_run, tfds_dir, tmp_path):
+  """s_h ln L is what search.init, search.min_temperature and load(temperature=) name, as model init reads
+  model.temperature: the search starts at s_h = 1 / ln L, stays above it, and load sets s_h = c / ln L."""
+  cfg = search_config(tfds_dir, base_run)
+  cfg.model.temperature_schedule, cfg.search.init = 'ssmax', '1.0'
+  cfg.train.steps, cfg.train.warmup_steps, cfg.train.eval_every, cfg.train.checkpoint_every = 4, 2, 0, 1
+  cfg.train.stop_after = 1  # The first update has the warmup's rate 0: the start, as it was set.
+  ln_L = np.log(4 * PRETRAIN_LENGTH)  # model.temperature_length 0: L is the search's length.
+  loop.run(cfg, str(tmp_path))
+  np.testing.assert_allclose(search.temperatures_by_layer(nnx.state(nopejax.load(str(tmp_path))[0])), 1 / ln_L,
+                             rtol=1e-6)
+  cfg.train.stop_after = 0
+  loop.run(cfg, str(tmp_path))
+  s_LxH = read_temperatures(str(tmp_path))
+  assert (s_LxH * ln_L >= 1.0 - 1e-6).all() and s_LxH.min() < 1.0  # Bounded at the multiplier, not at s_h = 1.
+  m, loaded_cfg = nopejax.load(str(tmp_path), temperature=1.5)
+  np.testing.assert_allclose(search.temperatures_by_layer(nnx.state(m)), 1.5 / ln_L, rtol=1e-6)
+  assert loaded_cfg.model.temperature == 1.5
 
 
 def test_search_without_base_is_refused(tfds_dir, tmp_path):
