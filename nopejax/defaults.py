@@ -1,7 +1,8 @@
 """Every config key nopejax reads, with its default; `nopejax.config.get_config()` returns them.
 
 Experiment configs (configs/*.py) start from `get_config()` and change values; they cannot add
-keys (the returned ConfigDict is locked), so a typo fails loudly instead of being ignored.
+keys (the returned ConfigDict is locked), so a typo fails loudly instead of being ignored. Every
+numeric key's range is in nopejax/config_checks.py.
 """
 import ml_collections
 
@@ -23,6 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'nope' (none), 'rope' (rotary, Llama's rotate-half layout), 'alibi' (bias -m_h (i - j)) or 'kerple'
   # (KERPLE-log, learned bias -r1_h ln(1 + r2_h (i - j))).
   cfg.model.position = 'nope'
+  # Position per layer (a hybrid), with model.position='rope': '' = every layer as model.position; 'every:N' = RoPE on
+  # all but every N-th layer (layers N-1, 2N-1, ... are NoPE: SmolLM3's pattern with N = 4); or one 0/1 per layer,
+  # '1,1,1,0' (1 = RoPE). NoPE layers get neither the rotation nor YaRN's factor; temperatures act on every layer.
+  cfg.model.rope_layers = ''
   cfg.model.rope_theta = 10000.0  # RoPE base b: dims pair m turns by position * b^(-2m / head_dim).
   # RoPE scaling for lengths past original_length L (docs/pe_methods.md): 'none', 'linear' (position
   # interpolation), 'ntk', 'dynamic' (dynamic NTK), 'yarn' (with its attention factor) or 'llama3'.
@@ -112,7 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.train.b2 = 0.95
   cfg.train.eps = 1e-8
   cfg.train.weight_decay = 0.1  # Applied to matrices only, never to norms or temperatures.
-  cfg.train.clip_norm = 1.0
+  cfg.train.clip_norm = 1.0  # Global-norm clipping, > 0: optax scales to this norm, so 0 would zero every update.
   cfg.train.seed = 0
   cfg.train.log_every = 50
   cfg.train.eval_every = 500  # 0 = no evaluation during training.
@@ -120,7 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.train.checkpoint_every = 500
   cfg.train.keep_checkpoints = 3  # The newest ones; a search's base step is kept too (pinned).
   cfg.train.skip_nonfinite = 0  # 0: stop at a non-finite loss or gradient; N: skip such updates, stop after N in a row.
-  cfg.train.peak_flops_per_device = 0.0  # For MFU; 0 = look up the device kind or measure it.
+  cfg.train.peak_flops_per_device = 0.0  # For MFU; 0 = look up the device kind (no MFU where it is unknown, e.g. on CPU).
   # The temperatures' partition under trainable='model+temperature': AdamW with the weights' betas,
   # warmup and cosine shape, but its own peak rate, weight decay and clipping norm.
   cfg.train.temperature = ml_collections.ConfigDict()
