@@ -2,6 +2,7 @@
 checking, loading and saving it."""
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import sys
@@ -9,8 +10,9 @@ import sys
 import ml_collections
 from etils import epath
 
+from nopejax import config_checks
 from nopejax.defaults import get_config, search_recipe  # noqa: F401 (public here: configs start from them)
-from nopejax.positions import POSITIONS, ROPE_SCALINGS
+from nopejax.positions import POSITIONS, ROPE_SCALINGS, layer_flags
 
 DTYPES = ('float32', 'bfloat16')
 TRAINABLE = ('model', 'temperature', 'model+temperature')
@@ -58,9 +60,12 @@ def search_init(cfg):
   if cfg.search.init == 'auto':
     return 'auto'
   try:
-    return float(cfg.search.init)
+    init = float(cfg.search.init)
   except ValueError:
-    raise ConfigError(f"search.init={cfg.search.init!r} is neither a number nor 'auto'; set it to e.g. 1.6 or auto.")
+    init = math.nan
+  if not math.isfinite(init):
+    raise ConfigError(f"search.init={cfg.search.init!r} is neither a finite number nor 'auto'; set it to e.g. 1.6 or auto.")
+  return init
 
 
 def search_min_slope(cfg):
@@ -68,9 +73,12 @@ def search_min_slope(cfg):
   if cfg.search.min_slope == '':
     return None
   try:
-    return float(cfg.search.min_slope)
+    slope = float(cfg.search.min_slope)
   except ValueError:
-    raise ConfigError(f"search.min_slope={cfg.search.min_slope!r} is neither a number nor ''; set it to e.g. 0 or ''.")
+    slope = math.nan
+  if not math.isfinite(slope):
+    raise ConfigError(f"search.min_slope={cfg.search.min_slope!r} is neither a finite number nor ''; set it to e.g. 0 or ''.")
+  return slope
 
 
 def _flat_keys(cfg, prefix=''):
@@ -93,6 +101,9 @@ def validate(cfg) -> None:
   unknown = sorted(_flat_keys(cfg) - _flat_keys(get_config()))
   if unknown:
     raise ConfigError(f'Unknown config key {unknown[0]}; every key is declared in nopejax/defaults.py, check the spelling there.')
+  problem = config_checks.out_of_range(cfg, get_config())  # Each numeric key alone; below, keys together.
+  if problem:
+    raise ConfigError(problem)
   m = cfg.model
   if m.position not in POSITIONS:
     raise ConfigError(f'model.position={m.position!r} is not one of {POSITIONS}; pick one of those.')
@@ -105,14 +116,11 @@ def validate(cfg) -> None:
   if m.attention_impl == 'cudnn' and cfg.data.separate_documents:
     raise ConfigError("model.attention_impl='cudnn' cannot mask packed documents apart (data.separate_documents=True) "
                       'under grouped-query attention in jax 0.10.2; set data.separate_documents=False or model.attention_impl=chunked.')
-  if m.attention_block < 0 or m.attention_chunked_from < 0:
-    raise ConfigError(f'model.attention_block={m.attention_block} and model.attention_chunked_from='
-                      f'{m.attention_chunked_from} cannot be negative; set e.g. 0 (the kernel chooses) and 256.')
-  if m.num_heads <= 0 or (not m.head_dim and m.embed_dim % m.num_heads):
+  if not m.head_dim and m.embed_dim % m.num_heads:
     raise ConfigError(
         f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; '
         'change model.num_heads (or set model.head_dim explicitly).')
-  if m.num_kv_heads <= 0 or m.num_heads % m.num_kv_heads:
+  if m.num_heads % m.num_kv_heads:
     raise ConfigError(
         f'model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}; '
         'change model.num_kv_heads to a divisor of it.')
@@ -120,6 +128,13 @@ def validate(cfg) -> None:
     raise ConfigError(
         f'model.position=rope needs an even head dimension and model.rope_theta > 1 (got {head_dim(cfg)} and '
         f'{m.rope_theta}); change model.head_dim or model.rope_theta.')
+  try:
+    flags = layer_flags(m.rope_layers, m.num_layers)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if flags is not None and m.position != 'rope':
+    raise ConfigError(f'model.rope_layers={m.rope_layers!r} picks the RoPE layers of a RoPE model but model.position='
+                      f"{m.position!r}; set model.position=rope (its settings apply to the flagged layers) or model.rope_layers=''.")
   if remat_name(m.remat) not in REMAT:
     raise ConfigError(f'model.remat={m.remat!r} is not one of {REMAT}; pick one of those.')
   if m.rope_scaling not in ROPE_SCALINGS:
@@ -127,10 +142,10 @@ def validate(cfg) -> None:
   if m.rope_scaling != 'none' and m.position != 'rope':
     raise ConfigError(f'model.rope_scaling={m.rope_scaling!r} scales RoPE but model.position={m.position!r}; '
                       "set model.position=rope or model.rope_scaling=none.")
-  if not (m.rope_scaling_factor == 0 or m.rope_scaling_factor >= 1) or m.original_length < 0:
-    raise ConfigError(f'model.rope_scaling_factor={m.rope_scaling_factor} must be at least 1 (or 0 for each length / L) '
-                      f'and model.original_length={m.original_length} not negative; set e.g. 4.0 and 2048.')
-  if not 0 < m.yarn_beta_slow < m.yarn_beta_fast or not 0 < m.llama3_low_freq_factor < m.llama3_high_freq_factor:
+  if not (m.rope_scaling_factor == 0 or m.rope_scaling_factor >= 1):
+    raise ConfigError(f'model.rope_scaling_factor={m.rope_scaling_factor} must be at least 1 (or 0 for each length / L); '
+                      'set e.g. 4.0.')
+  if not (m.yarn_beta_slow < m.yarn_beta_fast and m.llama3_low_freq_factor < m.llama3_high_freq_factor):
     raise ConfigError('model.yarn_beta_slow < model.yarn_beta_fast and model.llama3_low_freq_factor < '
                       'model.llama3_high_freq_factor must hold, all positive; keep the defaults (1, 32 and 1, 4).')
   if m.logn and (m.original_length or cfg.data.seq_len) < 2:
@@ -138,21 +153,15 @@ def validate(cfg) -> None:
   if m.position in ('alibi', 'kerple') and m.attention_impl in ('splash', 'cudnn'):
     raise ConfigError(f'model.attention_impl={m.attention_impl!r} takes no bias on the logits, which model.position='
                       f'{m.position} adds; set model.attention_impl=auto (chunked on TPU and GPU then), chunked or xla.')
-  if m.llama4_scaling and (m.llama4_floor_scale <= 0 or m.llama4_attn_scale < 0):
-    raise ConfigError(f'model.llama4_floor_scale={m.llama4_floor_scale} must be positive and model.llama4_attn_scale='
-                      f'{m.llama4_attn_scale} not negative; keep the defaults 8192 and 0.1.')
-  if m.temperature <= 0:
-    raise ConfigError(f'model.temperature={m.temperature} must be positive; set a value like 1.0 or 1.5.')
   if m.temperature_schedule not in TEMPERATURE_SCHEDULES:
     raise ConfigError(f'model.temperature_schedule={m.temperature_schedule!r} is not one of {TEMPERATURE_SCHEDULES}; pick one of those.')
-  if m.temperature_length < 0 or (m.temperature_schedule == 'ssmax' and temperature_length(cfg) < 2):
+  if m.temperature_schedule == 'ssmax' and temperature_length(cfg) < 2:
     raise ConfigError(f'model.temperature_length={m.temperature_length} must be 0 (= data.seq_len) or a positive length '
                       '(at least 2 for ssmax, whose start divides by ln L); set it to the pretraining length.')
   if (m.temperature_schedule == 'log' and cfg.train.trainable == 'temperature' and not m.temperature_length):
     raise ConfigError("model.temperature_schedule='log' in a search needs model.temperature_length, the pretraining "
                       'length below which the temperature stays 1 (data.seq_len is the search length); set it, e.g. 64.')
-  if not isinstance(m.temperature_octaves, int) or m.temperature_octaves < 1 or (
-      m.temperature_octaves > 1 and m.temperature_schedule != 'log'):
+  if not isinstance(m.temperature_octaves, int) or (m.temperature_octaves > 1 and m.temperature_schedule != 'log'):
     raise ConfigError(f'model.temperature_octaves={m.temperature_octaves!r} must be a positive integer, above 1 only '
                       "with model.temperature_schedule='log'; set it to 1, or pick the log schedule.")
   if m.temperature_octave_shape not in OCTAVE_SHAPES:
@@ -164,47 +173,27 @@ def validate(cfg) -> None:
   t = cfg.train
   if t.trainable not in TRAINABLE:
     raise ConfigError(f'train.trainable={t.trainable!r} is not one of {TRAINABLE}; pick one of those.')
-  if t.steps <= 0 or t.stop_after < 0:
-    raise ConfigError(f'train.steps={t.steps} must be positive and train.stop_after={t.stop_after} not negative.')
-  if t.warmup_steps >= t.steps or t.warmup_steps < 0:
+  if t.warmup_steps >= t.steps:
     raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be at least 0 and below train.steps={t.steps} '
                       '(the cosine decay needs steps after it); lower train.warmup_steps.')
-  if t.batch_size <= 0 or cfg.data.seq_len <= 0:
-    raise ConfigError('train.batch_size and data.seq_len must be positive; set both to positive integers.')
-  if t.microbatches < 1 or t.batch_size % t.microbatches:
+  if t.batch_size % t.microbatches:
     raise ConfigError(f'train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}; '
                       'set it to a divisor of the batch (1 = no accumulation).')
-  if t.loss_chunk < 0 or (t.loss_chunk and cfg.data.seq_len > t.loss_chunk and cfg.data.seq_len % t.loss_chunk):
+  if t.loss_chunk and cfg.data.seq_len > t.loss_chunk and cfg.data.seq_len % t.loss_chunk:
     raise ConfigError(f'train.loss_chunk={t.loss_chunk} does not divide data.seq_len={cfg.data.seq_len}; '
                       'set it to a divisor of the length, or 0 for the whole sequence at once.')
-  for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
-    if t[key] < 1:
-      raise ConfigError(f'train.{key}={t[key]} must be at least 1; set it to a positive number of steps'
-                        f'{" (checkpoints)" if key == "keep_checkpoints" else ""}.')
-  if t.eval_every < 0 or (t.eval_every and t.eval_batches < 1):
-    raise ConfigError(f'train.eval_every={t.eval_every} with train.eval_batches={t.eval_batches} evaluates nothing; '
-                      'set train.eval_batches to at least 1, or train.eval_every=0 for no evaluation.')
-  if t.skip_nonfinite < 0:
-    raise ConfigError(f'train.skip_nonfinite={t.skip_nonfinite} must not be negative; set 0 to stop at the first '
-                      'non-finite update, or N to skip up to N in a row.')
-  d = cfg.data
-  if d.open_shards < 1 or d.shuffle_buffer < 0:
-    raise ConfigError(f'data.open_shards={d.open_shards} must be at least 1 and data.shuffle_buffer={d.shuffle_buffer} '
-                      'not negative; set e.g. 8 and 1024 (0 = no shuffle of the packed windows).')
   if cfg.search.base and t.trainable != 'temperature':
     raise ConfigError("search.base is set but train.trainable is 'model'; set --config.train.trainable=temperature or clear search.base.")
   lengths = search_lengths(cfg)
   if min(lengths) < 1 or max(lengths) > cfg.data.seq_len:
     raise ConfigError(f'search.lengths={tuple(cfg.search.lengths)} must be positive lengths up to data.seq_len='
                       f'{cfg.data.seq_len} (the window every length is cut from); set data.seq_len to the longest.')
-  if t.temperature.learning_rate < 0 or t.temperature.weight_decay < 0 or t.temperature.clip_norm <= 0:
-    raise ConfigError('train.temperature.learning_rate and .weight_decay must not be negative and .clip_norm must be '
-                      'positive; set e.g. 0.01, 0.0 and 1.0.')
   init = search_init(cfg)
   search_min_slope(cfg)
-  if t.trainable == 'temperature' and init != 'auto' and init < cfg.search.min_temperature:
-    raise ConfigError(f'search.init={init} is below search.min_temperature={cfg.search.min_temperature}, so the first '
-                      'update would clamp it; set search.init to at least that, or lower search.min_temperature.')
+  if t.trainable == 'temperature':
+    problem = config_checks.search_start_problem(init, cfg.search.init_candidates, cfg.search.min_temperature)
+    if problem:
+      raise ConfigError(problem)
 
 
 def from_dict(values: dict) -> ml_collections.ConfigDict:

@@ -7,15 +7,18 @@ import re
 import pytest
 
 import nopejax
-from nopejax import config
+from nopejax import config, config_checks
 from nopejax.config import ConfigError
 
 
 def checked(**changes):
   cfg = config.get_config()
   for dotted, value in changes.items():
-    section, key = dotted.split('__')
-    cfg[section][key] = value
+    *sections, key = dotted.split('__')
+    node = cfg
+    for section in sections:
+      node = node[section]
+    node[key] = value
   config.validate(cfg)
 
 
@@ -36,23 +39,29 @@ def test_defaults_are_valid_and_locked():
     ({'model__yarn_beta_fast': 0.5}, 'model.yarn_beta_slow < model.yarn_beta_fast'),
     ({'model__position': 'alibi', 'model__attention_impl': 'splash'},
      "model.attention_impl='splash' takes no bias on the logits, which model.position=alibi adds"),
-    ({'model__llama4_scaling': True, 'model__llama4_floor_scale': 0.0}, 'model.llama4_floor_scale=0.0 must be positive'),
+    ({'model__llama4_scaling': True, 'model__llama4_floor_scale': 0.0}, 'model.llama4_floor_scale=0.0 must be a finite number > 0'),
     ({'model__position': 'rope', 'model__head_dim': 15}, 'model.position=rope needs an even head dimension'),
     ({'model__dtype': 'float16'}, "model.dtype='float16' is not one of"),
-    ({'model__temperature': 0.0}, 'model.temperature=0.0 must be positive'),
+    ({'model__temperature': 0.0}, 'model.temperature=0.0 must be a finite number > 0 (it multiplies every query)'),
     ({'train__trainable': 'all'}, "train.trainable='all' is not one of"),
     ({'train__warmup_steps': 5000}, 'train.warmup_steps=5000 must be at least 0 and below train.steps=2000'),
     ({'train__warmup_steps': 2000}, 'train.warmup_steps=2000 must be at least 0 and below train.steps=2000'),
-    ({'train__log_every': 0}, 'train.log_every=0 must be at least 1; set it to a positive number of steps.'),
-    ({'train__checkpoint_every': 0}, 'train.checkpoint_every=0 must be at least 1'),
-    ({'train__keep_checkpoints': -1}, 'train.keep_checkpoints=-1 must be at least 1'),
-    ({'train__eval_batches': 0}, 'train.eval_every=500 with train.eval_batches=0 evaluates nothing; set train.eval_batches'),
-    ({'train__skip_nonfinite': -2}, 'train.skip_nonfinite=-2 must not be negative'),
+    ({'train__log_every': 0}, 'train.log_every=0 must be >= 1; set it to e.g. 50 (the default).'),
+    ({'train__checkpoint_every': 0}, 'train.checkpoint_every=0 must be >= 1'),
+    ({'train__keep_checkpoints': -1}, 'train.keep_checkpoints=-1 must be >= 1'),
+    ({'train__eval_batches': 0}, 'train.eval_batches=0 must be >= 1'),
+    ({'train__skip_nonfinite': -2}, 'train.skip_nonfinite=-2 must be >= 0 (0 stops at the first non-finite update'),
     ({'model__attention_impl': 'cudnn'}, "model.attention_impl='cudnn' needs model.dtype='bfloat16', not 'float32'"),
     ({'train__trainable': 'temperature', 'search__init': '0.8'},
      'search.init=0.8 is below search.min_temperature=1.0, so the first update would clamp it'),
-    ({'search__init': 'warm'}, "search.init='warm' is neither a number nor 'auto'"),
-    ({'search__min_slope': 'none'}, "search.min_slope='none' is neither a number nor ''"),
+    ({'search__init': 'warm'}, "search.init='warm' is neither a finite number nor 'auto'"),
+    ({'search__init': 'nan'}, "search.init='nan' is neither a finite number nor 'auto'"),
+    ({'search__min_slope': 'none'}, "search.min_slope='none' is neither a finite number nor ''"),
+    ({'search__min_slope': '-inf'}, "search.min_slope='-inf' is neither a finite number nor ''"),
+    ({'train__trainable': 'temperature', 'search__init': 'auto', 'search__init_candidates': (0.8, 1.6)},
+     'search.init_candidates=(0.8, 1.6) must be a non-empty list of temperatures of at least search.min_temperature=1.0'),
+    ({'train__trainable': 'temperature', 'search__init': 'auto', 'search__init_candidates': ()},
+     'search.init_candidates=() must be a non-empty list'),
     ({'search__base': 'runs/x'}, "search.base is set but train.trainable is 'model'"),
     ({'model__remat': 'dots'}, "model.remat='dots' is not one of"),
     ({'train__microbatches': 5}, 'train.microbatches=5 does not divide train.batch_size=32'),
@@ -62,13 +71,92 @@ def test_defaults_are_valid_and_locked():
      "model.temperature_schedule='log' in a search needs model.temperature_length"),
     ({'search__lengths': (64, 128)}, 'search.lengths=(64, 128) must be positive lengths up to data.seq_len=64'),
     ({'model__temperature_octaves': 3}, "model.temperature_octaves=3 must be a positive integer, above 1 only with"),
-    ({'model__temperature_octaves': 0, 'model__temperature_schedule': 'log'}, 'model.temperature_octaves=0 must be'),
+    ({'model__temperature_octaves': 0, 'model__temperature_schedule': 'log'}, 'model.temperature_octaves=0 must be >= 1'),
     ({'model__temperature_octave_shape': 'spline'}, "model.temperature_octave_shape='spline' is not one of"),
     ({'search__share_slopes': True}, 'search.share_slopes=True must be True or False, and True only with'),
 ])
 def test_bad_values_name_the_key(changes, message):
   with pytest.raises(ConfigError, match=re.escape(message)):
     checked(**changes)
+
+
+# One value out of its range per rule of config_checks.RANGES, and a NaN where a float is.
+@pytest.mark.parametrize('changes, message', [
+    ({'model__embed_dim': 0}, 'model.embed_dim=0 must be > 0; set it to e.g. 128 (the default).'),
+    ({'model__num_layers': 0}, 'model.num_layers=0 must be > 0; set it to e.g. 4 (the default).'),
+    ({'model__mlp_dim': -4}, 'model.mlp_dim=-4 must be > 0'),
+    ({'model__num_heads': 0}, 'model.num_heads=0 must be > 0'),
+    ({'model__num_kv_heads': -1}, 'model.num_kv_heads=-1 must be > 0'),
+    ({'model__vocab_size': 0}, 'model.vocab_size=0 must be > 0'),
+    ({'model__head_dim': -8}, 'model.head_dim=-8 must be >= 0 (0 = embed_dim // num_heads); set it to e.g. 0'),
+    ({'model__norm_eps': float('nan')}, 'model.norm_eps=nan must be a finite number > 0'),
+    ({'model__attention_block': -1}, "model.attention_block=-1 must be >= 0 (0 = the kernel's own choice)"),
+    ({'model__original_length': -2}, 'model.original_length=-2 must be >= 0 (0 = data.seq_len)'),
+    ({'data__seq_len': 0}, 'data.seq_len=0 must be > 0'),
+    ({'data__worker_count': -1}, 'data.worker_count=-1 must be >= 0 (0 reads in the main process)'),
+    ({'data__open_shards': 0}, 'data.open_shards=0 must be >= 1'),
+    ({'data__shuffle_seed': -1}, 'data.shuffle_seed=-1 must be >= 0'),
+    ({'train__steps': 0}, 'train.steps=0 must be > 0'),
+    ({'train__batch_size': -8}, 'train.batch_size=-8 must be > 0'),
+    ({'train__microbatches': 0}, 'train.microbatches=0 must be >= 1 (1 = no accumulation)'),
+    ({'train__learning_rate': -1.0}, 'train.learning_rate=-1.0 must be a finite number >= 0; set it to e.g. 0.002'),
+    ({'train__learning_rate': float('nan')}, 'train.learning_rate=nan must be a finite number >= 0'),
+    ({'train__learning_rate': float('inf')}, 'train.learning_rate=inf must be a finite number >= 0'),
+    ({'train__final_lr_fraction': -3.0}, 'train.final_lr_fraction=-3.0 must be a finite number in [0, 1]'),
+    ({'train__final_lr_fraction': 1.5}, 'train.final_lr_fraction=1.5 must be a finite number in [0, 1]'),
+    ({'train__b1': -0.1}, 'train.b1=-0.1 must be a finite number in [0, 1)'),
+    ({'train__b2': 1.5}, 'train.b2=1.5 must be a finite number in [0, 1); set it to e.g. 0.95 (the default).'),
+    ({'train__b2': 1.0}, 'train.b2=1.0 must be a finite number in [0, 1)'),
+    ({'train__eps': 0.0}, 'train.eps=0.0 must be a finite number > 0'),
+    ({'train__weight_decay': -0.1}, 'train.weight_decay=-0.1 must be a finite number >= 0'),
+    ({'train__clip_norm': -1.0}, 'train.clip_norm=-1.0 must be a finite number > 0 (0 would zero every update'),
+    ({'train__clip_norm': 0.0}, 'train.clip_norm=0.0 must be a finite number > 0'),
+    ({'train__stop_after': -1}, 'train.stop_after=-1 must be >= 0 (0 = run to train.steps)'),
+    ({'train__warmup_steps': -1}, 'train.warmup_steps=-1 must be >= 0'),
+    ({'train__loss_chunk': -64}, 'train.loss_chunk=-64 must be >= 0'),
+    ({'train__eval_every': -1}, 'train.eval_every=-1 must be >= 0 (0 = no evaluation during training)'),
+    ({'train__seed': -3}, 'train.seed=-3 must be >= 0'),
+    ({'train__peak_flops_per_device': -1.0}, 'train.peak_flops_per_device=-1.0 must be a finite number >= 0'),
+    ({'train__temperature__learning_rate': float('nan')}, 'train.temperature.learning_rate=nan must be a finite'),
+    ({'train__temperature__weight_decay': -1.0}, 'train.temperature.weight_decay=-1.0 must be a finite number >= 0'),
+    ({'train__temperature__clip_norm': 0.0}, 'train.temperature.clip_norm=0.0 must be a finite number > 0'),
+    ({'mesh__fsdp': 0}, 'mesh.fsdp=0 must be >= 1, or -1 for the devices the other axes leave'),
+    ({'mesh__tensor': -2}, 'mesh.tensor=-2 must be >= 1, or -1'),
+    ({'search__min_temperature': -1.0}, 'search.min_temperature=-1.0 must be a finite number >= 0'),
+    ({'search__init_candidates': (1.0, float('nan'))}, 'search.init_candidates=(1.0, nan) must hold only numbers > 0'),
+    ({'search__lengths': (0, 64)}, 'search.lengths=(0, 64) must hold only numbers > 0'),
+    ({'eval__lengths': (16, '(16,x)')}, "eval.lengths=(16, '(16,x)') must hold only numbers > 0"),
+    ({'eval__stride': -1}, 'eval.stride=-1 must be >= 0'),
+    ({'eval__max_tokens': 0}, 'eval.max_tokens=0 must be > 0'),
+    ({'eval__batch_size': 0}, 'eval.batch_size=0 must be > 0'),
+    ({'eval__query_chunk': -1}, 'eval.query_chunk=-1 must be > 0'),
+    ({'eval__passkey_depths': -1}, 'eval.passkey_depths=-1 must be >= 0 (0 skips the passkey)'),
+    ({'eval__seed': -1}, 'eval.seed=-1 must be >= 0'),
+])
+def test_values_out_of_range_name_key_value_rule_and_fix(changes, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    checked(**changes)
+
+
+def _numeric_keys(node, prefix=''):
+  for key, value in node.items():
+    if hasattr(value, 'items'):
+      yield from _numeric_keys(value, f'{prefix}{key}.')
+    elif (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+        isinstance(value, tuple) and key in ('lengths', 'init_candidates')):
+      yield f'{prefix}{key}'
+
+
+def test_every_numeric_key_has_a_range_rule():
+  """A numeric key added to nopejax/defaults.py needs its rule in config_checks.RANGES."""
+  numeric = set(_numeric_keys(config.get_config()))
+  assert len(numeric) > 60 and sorted(numeric - set(config_checks.RANGES)) == []
+  assert sorted(set(config_checks.RANGES) - numeric) == []
+
+
+def test_range_boundaries_that_are_allowed():
+  checked(train__learning_rate=0.0, train__final_lr_fraction=1.0, train__b1=0.0, train__weight_decay=0.0,
+          data__worker_count=0, model__head_dim=0, mesh__fsdp=-1, mesh__data=1)
 
 
 def test_head_dim_given_explicitly_frees_the_width_constraint():
