@@ -6,11 +6,12 @@ train.trainable says) for the slice's chips from any machine, and prints what on
 
 --topology names a slice as Cloud TPU does: v5e-N and v6e-N count chips, v4-N and v5p-N count
 TensorCores (two per chip). Without it, the step compiles for this machine's devices. Compiling for
-a TPU needs the libtpu package (`make plan`, or pip install -r requirements-tpu.txt), no TPU.
+a TPU needs the libtpu package (`make plan`, or pip install -e '.[tpu]'), no TPU.
 """
 import json
 import math
 import re
+import tempfile
 import time
 
 from absl import app, flags
@@ -19,10 +20,14 @@ from nopejax import cli
 
 _TOPOLOGY = flags.DEFINE_string('topology', '', 'TPU slice such as v5e-256, v4-64, v5p-128, v6e-8; empty: the local devices.')
 _JSON = flags.DEFINE_bool('json', False, 'Print the report as one JSON object.')
+_BUFFERS = flags.DEFINE_integer('buffers', 10, 'How many of the largest arrays live at the memory peak to list.')
 
 GiB = 2**30
 # HBM per chip (a v4 or v5p chip's two cores share it as one megacore device).
 HBM_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32}
+# HBM bytes/s per chip, from Cloud TPU's system architecture pages: with the chip's peak FLOP/s
+# (metrics.PEAK_FLOPS), the roofline that estimates a step's time.
+HBM_BANDWIDTH = {'v4': 1200e9, 'v5e': 819e9, 'v5p': 2765e9, 'v6e': 1638e9}
 # Chips along each torus axis: v4 and v5p slices are 3D, v5e and v6e 2D.
 TORUS_DIMS = {'v4': 3, 'v5p': 3, 'v5e': 2, 'v6e': 2}
 
@@ -65,7 +70,7 @@ def tpu_devices(topology_name, chip_config='default', host_bounds=(2, 2, 1)):
   except Exception as e:  # No libtpu, or a topology it rejects.
     if 'tpu' in str(e).lower() and ('not found' in str(e).lower() or 'unknown backend' in str(e).lower()):
       raise ConfigError('Compiling for a TPU slice needs the libtpu package; run `make plan` or '
-                        'pip install -r requirements-tpu.txt.') from e
+                        "pip install -e '.[tpu]'.") from e
     raise ConfigError(f'libtpu cannot describe the slice {topology_name} ({" ".join(str(e).split())[:200]}); '
                       'pick another --topology.') from e
 
@@ -80,9 +85,10 @@ def abstract_batch(cfg, batch_sharding):
   return batch
 
 
-def compiled_step(cfg, devices=None):
+def compiled_step(cfg, devices=None, compiler_options=None):
   """(mesh, compiled train step, (optimizer, shardings), abstract batch) for cfg, compiled ahead of
-  time for `devices` (default: the local ones; tpu_devices(...) compiles for a TPU slice)."""
+  time for `devices` (default: the local ones; tpu_devices(...) compiles for a TPU slice), with
+  XLA's `compiler_options` added to the step's own."""
   import jax
   from nopejax import optim, sharding, step as step_lib
   mesh = sharding.make_mesh(cfg, devices)
@@ -93,14 +99,15 @@ def compiled_step(cfg, devices=None):
     batch = abstract_batch(cfg, batch_sharding)
     step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, None), donate_argnums=0,
-                   compiler_options=sharding.compiler_options(mesh))
+                   compiler_options={**(sharding.compiler_options(mesh) or {}), **(compiler_options or {})} or None)
     return mesh, step.lower(abstract, batch).compile(), (tx, shardings), batch
 
 
-def plan(cfg, topology='') -> dict:
-  """Compiles cfg's train step for `topology` (or the local devices) and returns what one chip holds."""
+def plan(cfg, topology='', buffers=10) -> dict:
+  """Compiles cfg's train step for `topology` (or the local devices) and returns what one chip
+  holds, the `buffers` largest arrays live at its memory peak, and a roofline estimate of its time."""
   import jax
-  from nopejax import config, model, optim, sharding, step as step_lib
+  from nopejax import config, hlo, metrics, model, optim, sharding, step as step_lib
   config.validate(cfg)
   if topology:
     slice_ = parse_topology(topology)
@@ -117,8 +124,11 @@ def plan(cfg, topology='') -> dict:
     batch = abstract_batch(cfg, sharding.batch_sharding(mesh, cfg.mesh.rules))
   batch_bytes = sharding.bytes_per_device(batch, jax.tree.map(lambda a: a.sharding, batch))
   start, start_cpu = time.perf_counter(), time.process_time()
+  peak, step_cost = None, None
   try:
-    compiled = compiled_step(cfg, devices)[1]
+    with tempfile.TemporaryDirectory() as dump:  # XLA's buffer assignment, read by hlo.peak_buffers.
+      compiled = compiled_step(cfg, devices, hlo.dump_options(dump))[1]
+      peak = hlo.peak_buffers(dump, buffers)
   except Exception as e:  # XLA:TPU refuses a program that does not fit; that is this tool's answer.
     refused = _refused(str(e), params + optimizer + batch_bytes)
     if refused is None:
@@ -128,12 +138,16 @@ def plan(cfg, topology='') -> dict:
   else:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
-    flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get('flops', float('nan')))
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get('flops', float('nan')))
+    step_cost = hlo.step_cost(compiled.as_text(), cost, jax.local_devices()[0].client)
     arguments, temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
     # Outputs the step does not write over its donated inputs (the metrics) need their own room.
     total = arguments + temporaries + memory.output_size_in_bytes - memory.alias_size_in_bytes
   compile_seconds, compile_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
   tokens = cfg.train.batch_size * cfg.data.seq_len
+  model_flops = model.flops_per_token(cfg) * tokens / len(devices)
+  chip = (metrics.peak_flops_of(devices[0].device_kind), HBM_BANDWIDTH[slice_['generation']]) if topology else None
   return {
       'topology': topology or f'{len(devices)} x {devices[0].device_kind}',
       'device_kind': devices[0].device_kind,
@@ -150,12 +164,27 @@ def plan(cfg, topology='') -> dict:
       'hbm_bytes': hbm,
       'fits': None if hbm is None else total <= hbm,
       'step_flops_per_chip': flops,  # XLA's count; a scanned loop's body counts once.
+      'step_cost_per_chip': step_cost,  # XLA's 'flops' and 'bytes accessed', each loop body once per iteration.
       'scan_layers': cfg.model.scan_layers,
       'remat': config.remat_name(cfg.model.remat),
-      'model_flops_per_chip': model.flops_per_token(cfg) * tokens / len(devices),
+      'model_flops_per_chip': model_flops,
+      'roofline': roofline(step_cost, model_flops, *chip) if chip and chip[0] and step_cost else None,
+      'heap_bytes': peak and peak['heap_bytes'],  # XLA's temporary heap; temp_bytes adds the backend's own.
+      'peak_live_bytes': peak and peak['live_bytes'],
+      'peak_buffers': peak and [b._asdict() for b in peak['buffers']],
       'compile_seconds': compile_seconds,
       'compile_cpu_seconds': compile_cpu_seconds,  # All threads: steadier than wall time on a shared machine.
   }
+
+
+def roofline(step_cost, model_flops, peak_flops, bandwidth) -> dict:
+  """An estimate of a step's seconds, not a measurement: the longer of its FLOPs at the chip's peak
+  and its HBM traffic at full bandwidth. Collectives, kernel launches and imperfect overlap are not
+  in it, so real steps are slower; the MFU it implies is an upper bound."""
+  compute, memory = step_cost['flops'] / peak_flops, step_cost['bytes accessed'] / bandwidth
+  seconds = max(compute, memory)
+  return {'compute_seconds': compute, 'memory_seconds': memory, 'step_seconds': seconds,
+          'peak_flops': peak_flops, 'hbm_bandwidth': bandwidth, 'mfu': model_flops / (seconds * peak_flops)}
 
 
 def _size(n_bytes) -> str:
@@ -195,19 +224,31 @@ def format_report(report) -> str:
     verdict = ('fits' if report['fits'] else
                f'does not fit: {gib(report["total_bytes"] - report["hbm_bytes"])} over')
     lines.append(f'  total            {gib(report["total_bytes"])} of {gib(report["hbm_bytes"])} HBM: {verdict}')
-  scanned = ' (it counts the scanned block once: model.scan_layers)' if report['scan_layers'] else ''
-  lines += [f'  FLOPs per step   {report["model_flops_per_chip"]:.3e} model FLOPs (as MFU counts them); '
-            f'XLA counts {report["step_flops_per_chip"]:.3e}{scanned}',
-            f'compiled in {report["compile_seconds"]:.1f} s ({report["compile_cpu_seconds"]:.1f} s of CPU time)']
+  cost = report['step_cost_per_chip']
+  xla_flops = cost['flops'] if cost else report['step_flops_per_chip']
+  lines.append(f'  FLOPs per step   {report["model_flops_per_chip"]:.3e} model FLOPs (as MFU counts them); XLA counts '
+               f'{xla_flops:.3e}' + (f', and {cost["bytes accessed"]:.3e} bytes of HBM traffic' if cost else ''))
+  estimate = report['roofline']
+  if estimate:
+    lines.append(f'step time, a roofline estimate (not a measurement; no collectives): {estimate["step_seconds"]:.3g} s '
+                 f'(compute {estimate["compute_seconds"]:.3g} s at {estimate["peak_flops"] / 1e12:.0f} TFLOP/s, '
+                 f'HBM {estimate["memory_seconds"]:.3g} s at {estimate["hbm_bandwidth"] / 1e9:.0f} GB/s), '
+                 f'MFU at most {100 * estimate["mfu"]:.0f}%')
+  if report['peak_buffers']:
+    lines.append(f'largest arrays live at the memory peak (XLA\'s heap of temporaries {_size(report["heap_bytes"])}, '
+                 f'{_size(report["peak_live_bytes"])} live then):')
+    lines += [f'  {_size(b["bytes"]):>10}  {b["shape"]:<22} {b["op"]}' + (f'  [{b["source"]}]' if b['source'] else '')
+              for b in report['peak_buffers']]
+  lines.append(f'compiled in {report["compile_seconds"]:.1f} s ({report["compile_cpu_seconds"]:.1f} s of CPU time)')
   return '\n'.join(lines)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments {argv[1:]}; every setting is a --config.key=value flag.')
+    cli.fail(f'Unexpected arguments {argv[1:]}; every setting is a --config.key=value flag.')
   from nopejax import config
   try:
-    report = plan(cli.CONFIG.value, _TOPOLOGY.value)
+    report = plan(cli.CONFIG.value, _TOPOLOGY.value, _BUFFERS.value)
   except config.ConfigError as e:
     cli.fail(str(e))
   print(json.dumps(report) if _JSON.value else format_report(report))

@@ -20,7 +20,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_p
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments {argv[1:]}; every setting is a --config.key=value flag.')
+    cli.fail(f'Unexpected arguments {argv[1:]}; every setting is a --config.key=value flag.')
   from nopejax import config, loop, sharding  # After flag parsing, so XLA_FLAGS set in the environment apply.
   host.quiet_libraries()
   cfg = cli.CONFIG.value

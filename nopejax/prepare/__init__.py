@@ -167,6 +167,7 @@ def run(cfg, out: str, split: str = 'train', beam_args=()) -> dict:
   """Prepares `split` into `out` with Beam and returns the index. `beam_args`: Beam's pipeline
   options (--runner=DataflowRunner ...); without a --runner, the DirectRunner's engine with two local
   processes. Raises config.ConfigError on bad input."""
+  config.validate(cfg)
   if split not in SPLITS:
     raise config.ConfigError(f'--split {split} is not one of {", ".join(SPLITS)}; pass one of them.')
   logging.disable(logging.WARNING)  # Beam warns on import that its optional GCP clients are missing.
