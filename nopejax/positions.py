@@ -1,4 +1,4 @@
-"""Position encodings as small pure functions of q, k and token positions (pe_methods.md).
+"""Position encodings as small pure functions of q, k and token positions (docs/pe_methods.md).
 
 Each method acts on attention through one of three hooks, so one attention core serves them all:
   rotation of q and k   RoPE and its scalings (`model.rope_scaling`: linear, ntk, dynamic, yarn, llama3);
@@ -9,9 +9,14 @@ Each method acts on attention through one of three hooks, so one attention core 
                         temperature (`model.llama4_scaling`), with any method.
 NoPE uses none: the causal mask is the only source of position.
 
+Position is per layer: `model.rope_layers` (layer_flags) makes a hybrid of a RoPE model, RoPE on the
+flagged layers and NoPE on the rest (SmolLM3's pattern is RoPE on all but every 4th layer). On a
+NoPE layer neither the rotation nor YaRN's attention factor applies; log-n and Llama 4's temperature
+act on every layer.
+
 RoPE rotates each pair of head dimensions (m, m + Dh/2) of q and k by the angle
 position * inverse_frequency[m], Llama's "rotate_half" layout, so q_i . k_j depends on i - j only.
-Notation as in pe_methods.md: L the original (training) length, s the scaling factor, d the head dim.
+Notation as in docs/pe_methods.md: L the original (training) length, s the scaling factor, d the head dim.
 A multiplier on q scales only the content term q.k, never an additive bias.
 """
 import dataclasses
@@ -19,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 POSITIONS = ('nope', 'rope', 'alibi', 'kerple')
 ROPE_SCALINGS = ('none', 'linear', 'ntk', 'dynamic', 'yarn', 'llama3')
@@ -40,6 +46,33 @@ class Encoding:
   llama4_scaling: bool = False
   llama4_floor_scale: float = 8192.0
   llama4_attn_scale: float = 0.1
+
+
+def layer_flags(spec: str, num_layers: int):
+  """`model.rope_layers` as one bool per layer (True: the layer uses RoPE), or None for '' (every
+  layer follows model.position). 'every:N': RoPE on all but every N-th layer (layers N-1, 2N-1, ...
+  are NoPE, as SmolLM3's no_rope_layer_interval); '1,1,1,0': one 0/1 per layer. ValueError names a bad spec."""
+  spec = str(spec).strip()
+  if not spec:
+    return None
+  if spec.startswith('every:'):
+    try:
+      interval = int(spec[len('every:'):])
+    except ValueError:
+      interval = 0
+    if interval < 1:
+      raise ValueError(f"model.rope_layers={spec!r} needs a positive interval after 'every:'; set e.g. every:4.")
+    return tuple((i + 1) % interval != 0 for i in range(num_layers))
+  values = [v.strip() for v in spec.split(',')]
+  if any(v not in ('0', '1') for v in values) or len(values) != num_layers:
+    raise ValueError(f'model.rope_layers={spec!r} is not one 0 or 1 per layer of model.num_layers={num_layers}; '
+                     "set a comma list like 1,1,1,0 (1 = RoPE), 'every:4' or '' (every layer as model.position).")
+  return tuple(v == '1' for v in values)
+
+
+def flags_string(flags) -> str:
+  """The canonical '1,1,1,0' of per-layer flags ('' for None): how checkpoints and exports record them."""
+  return '' if flags is None else ','.join('1' if f else '0' for f in flags)
 
 
 def from_config(cfg) -> Encoding:
@@ -166,10 +199,12 @@ def llama4_scale(positions_BxT, floor_scale: float, attn_scale: float):
   return 1.0 + attn_scale * jnp.log(jnp.floor((i + 1.0) / floor_scale) + 1.0)
 
 
-def query_scale(encoding: Encoding, positions_BxT, length: int):
-  """The position-dependent multiplier on q, [B, T] float32, or None when there is none."""
+def query_scale(encoding: Encoding, positions_BxT, length: int, rotated: bool = True):
+  """The position-dependent multiplier on q, [B, T] float32, or None when there is none.
+
+  rotated: whether this layer's q and k were rotated (False on a hybrid's NoPE layers: no YaRN factor)."""
   scale = None
-  if encoding.position == 'rope' and encoding.rope_scaling == 'yarn':
+  if encoding.position == 'rope' and rotated and encoding.rope_scaling == 'yarn':
     factor = yarn_attention_factor(scaling_factor(encoding, length))
     if factor != 1.0:
       scale = jnp.full(positions_BxT.shape, factor ** 2, jnp.float32)
@@ -232,19 +267,31 @@ def bias(encoding: Encoding, num_heads: int, learned=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def apply(encoding: Encoding, q_BxTxHxDh, k_BxTxKxDh, positions_BxT, length: int):
+def apply(encoding: Encoding, q_BxTxHxDh, k_BxTxKxDh, positions_BxT, length: int, uses_rope=None):
   """q and k with the rotation and the q multiplier applied ('nope' without log-n: unchanged).
 
   length: the forward's context length (the cache length when decoding), which dynamic NTK and
-  factor-0 scalings read; positions_BxT: each token's position.
+  factor-0 scalings read; positions_BxT: each token's position. uses_rope: this layer's flag
+  (layer_flags): None follows encoding.position; a bool decides in Python; a traced boolean scalar
+  (a scan over layers carries it as data) computes both and selects, each result exactly the bool's.
   """
-  if encoding.position == 'rope':
+  if encoding.position not in POSITIONS:
+    raise ValueError(f'unknown position encoding {encoding.position!r}')
+  if uses_rope is None:
+    uses_rope = encoding.position == 'rope'
+  if isinstance(uses_rope, (bool, np.bool_)):
+    return _apply(encoding, q_BxTxHxDh, k_BxTxKxDh, positions_BxT, length, bool(uses_rope))
+  q_rope, k_rope = _apply(encoding, q_BxTxHxDh, k_BxTxKxDh, positions_BxT, length, True)
+  q_nope, k_nope = _apply(encoding, q_BxTxHxDh, k_BxTxKxDh, positions_BxT, length, False)
+  return jnp.where(uses_rope, q_rope, q_nope), jnp.where(uses_rope, k_rope, k_nope)
+
+
+def _apply(encoding: Encoding, q_BxTxHxDh, k_BxTxKxDh, positions_BxT, length: int, rotated: bool):
+  if rotated:
     inverse_frequencies_F = inverse_frequencies(encoding, q_BxTxHxDh.shape[-1], length)
     q_BxTxHxDh = rotate(q_BxTxHxDh, positions_BxT, inverse_frequencies_F)
     k_BxTxKxDh = rotate(k_BxTxKxDh, positions_BxT, inverse_frequencies_F)
-  elif encoding.position not in POSITIONS:
-    raise ValueError(f'unknown position encoding {encoding.position!r}')
-  scale_BxT = query_scale(encoding, positions_BxT, length)
+  scale_BxT = query_scale(encoding, positions_BxT, length, rotated)
   if scale_BxT is not None:
     q_BxTxHxDh = (q_BxTxHxDh.astype(jnp.float32) * scale_BxT[:, :, None, None]).astype(q_BxTxHxDh.dtype)
   return q_BxTxHxDh, k_BxTxKxDh

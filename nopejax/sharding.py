@@ -12,7 +12,7 @@ from nopejax.config import ConfigError
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # XLA:CPU options for the train steps compiled on a CPU mesh of several (simulated) devices: dots and
-# reductions to Eigen instead of YNNPACK. Measured in bench/README.md (issue 14): faster there, but
+# reductions to Eigen instead of YNNPACK. Faster there (docs/benchmarks.md), but
 # slower on one device and in the evaluation's forward passes, which keep XLA's defaults.
 CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 

@@ -27,7 +27,7 @@ def rope_config(seed_theta=100.0):
 def position_config(method):
   """small_config with a position method: 'nope', 'rope', 'alibi', 'kerple', or RoPE scalings past an
   original length of 8 tokens ('yarn_logn': YaRN at each forward's length / 8 with log-n; 'dynamic_llama4':
-  dynamic NTK with Llama 4's temperature from position 3)."""
+  dynamic NTK with Llama 4's temperature from position 3; 'hybrid': NoPE then RoPE with YaRN, model.rope_layers)."""
   if method == 'nope':
     return small_config()
   cfg = rope_config()
@@ -38,13 +38,16 @@ def position_config(method):
     cfg.model.rope_scaling, cfg.model.rope_scaling_factor, cfg.model.logn = 'yarn', 0.0, True
   elif method == 'kerple':
     cfg.model.position = 'kerple'
+  elif method == 'hybrid':  # A NoPE layer, then a RoPE layer with YaRN (whose factor the NoPE layer skips).
+    cfg.model.rope_layers = '0,1'
+    cfg.model.rope_scaling, cfg.model.rope_scaling_factor = 'yarn', 0.0
   elif method == 'dynamic_llama4':
     cfg.model.rope_scaling, cfg.model.rope_scaling_factor = 'dynamic', 2.0
     cfg.model.llama4_scaling, cfg.model.llama4_floor_scale = True, 4.0
   return cfg
 
 
-POSITION_METHODS = ['nope', 'rope', 'alibi', 'kerple', 'yarn_logn', 'dynamic_llama4']
+POSITION_METHODS = ['nope', 'rope', 'alibi', 'kerple', 'yarn_logn', 'dynamic_llama4', 'hybrid']
 
 
 
@@ -312,3 +315,58 @@ def test_schedules_agree_across_kernels_and_the_long_context_paths(schedule):
     return [m.decode(tokens[:, i], cache, jnp.full((2,), i))[0] for i in (12,)]
 
   np.testing.assert_allclose(decode_tail(m, tokens)[0], reference[:, 12], atol=1e-5)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_hybrid_with_uniform_flags_is_the_nope_or_the_rope_model_bit_for_bit(scan_layers):
+  """Flags all 0 compute the NoPE model, all 1 the RoPE model, exactly, unrolled or scanned (flags as data)."""
+  tokens = jax.random.randint(jax.random.key(8), (2, 16), 0, 256)
+
+  def logits(position, rope_layers=''):
+    cfg = rope_config() if position == 'rope' else small_config()
+    cfg.model.rope_layers, cfg.model.scan_layers = rope_layers, scan_layers
+    config.validate(cfg)
+    return forward(make(cfg), tokens)
+
+  nope, rope = logits('nope'), logits('rope')
+  np.testing.assert_array_equal(logits('rope', '0,0'), nope)
+  np.testing.assert_array_equal(logits('rope', '1,1'), rope)
+  mixed = logits('rope', '1,0')
+  assert np.abs(mixed - rope).max() > 1e-3 and np.abs(mixed - nope).max() > 1e-3
+
+
+def test_hybrid_trains_and_scanned_layers_keep_each_layers_position():
+  """Scanned (remat) and unrolled hybrids give the same loss and gradients from one state; a few AdamW
+  steps on the scanned one lower the loss, the temperatures of both kinds of layer frozen."""
+  import optax
+  cfg = position_config('hybrid')
+  tokens = jax.random.randint(jax.random.key(9), (4, 16), 0, 256)
+  graphdef, params, frozen = nnx.split(make(cfg), optim.trainable_filter(cfg), ...)
+
+  def loss_fn(scan_layers):
+    cfg.model.scan_layers, cfg.model.remat = scan_layers, 'full' if scan_layers else 'none'
+    graphdef_ = nnx.split(nnx.eval_shape(lambda: make(cfg)), optim.trainable_filter(cfg), ...)[0]
+    return lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        nnx.merge(graphdef_, p, frozen)(tokens[:, :-1]), tokens[:, 1:]))
+
+  plain_loss, plain_grads = jax.jit(jax.value_and_grad(loss_fn(False)))(params)
+  scan_loss_fn = loss_fn(True)
+  scan_loss, scan_grads = jax.jit(jax.value_and_grad(scan_loss_fn))(params)
+  np.testing.assert_allclose(plain_loss, scan_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(scan_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+  tx = optax.adamw(1e-2)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def train_step(params, opt_state):
+    loss, grads = jax.value_and_grad(scan_loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses = []
+  for _ in range(5):
+    params, opt_state, loss = train_step(params, opt_state)
+    losses.append(float(loss))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.1

@@ -4,6 +4,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nopejax import positions
 
@@ -67,7 +68,7 @@ def test_yarn_inverse_frequencies_and_attention_factor_match_the_formula():
   d, b, s, L = 64, 10000.0, 8.0, 512
   yarn = positions.Encoding(position='rope', rope_scaling='yarn', rope_scaling_factor=s, original_length=L)
   got = np.asarray(positions.inverse_frequencies(yarn, d, 4096))
-  # Written out per dim from pe_methods.md: d_r = d ln(L / (2 pi r)) / (2 ln b), ramp over dim indices.
+  # Written out per dim from docs/pe_methods.md: d_r = d ln(L / (2 pi r)) / (2 ln b), ramp over dim indices.
   d_r = lambda r: d * math.log(L / (2 * math.pi * r)) / (2 * math.log(b))
   low, high = math.floor(d_r(32)), math.ceil(d_r(1))
   assert 0 < low < high < d // 2  # This case exercises all three regimes.
@@ -164,3 +165,42 @@ def test_kerple_log_bias_is_minus_r1_log_of_one_plus_r2_distance():
     np.testing.assert_allclose(bias[0, h][visible], (-r1[h] * np.log1p(r2[h] * (i - j)))[visible], rtol=1e-5)
   init = jnp.full((2,), positions.KERPLE_INIT)
   np.testing.assert_allclose(jax.nn.softplus(init), 1.0, rtol=1e-6)  # r1 = r2 = 1 at initialization.
+
+
+def test_rope_layers_name_each_layers_position():
+  """'every:N' is SmolLM3's no_rope_layer_interval (transformers: int((i + 1) % N != 0)); a list is 0/1 per layer."""
+  assert positions.layer_flags('', 4) is None
+  assert positions.layer_flags('every:4', 8) == tuple(bool((i + 1) % 4 != 0) for i in range(8))
+  assert positions.layer_flags(' 1, 0,1 ', 3) == (True, False, True)
+  assert positions.flags_string(positions.layer_flags('every:2', 4)) == '1,0,1,0'
+  for spec, message in (('every:0', 'positive interval'), ('every:x', 'positive interval'),
+                        ('1,0', 'one 0 or 1 per layer of model.num_layers=3'), ('1,2,0', 'one 0 or 1 per layer')):
+    with pytest.raises(ValueError, match=message):
+      positions.layer_flags(spec, 3)
+  from nopejax import config
+  cfg = config.get_config()
+  cfg.model.rope_layers = '1,1,1,0'
+  with pytest.raises(config.ConfigError, match="picks the RoPE layers of a RoPE model but model.position='nope'"):
+    config.validate(cfg)
+  cfg.model.position, cfg.model.rope_layers = 'rope', '1,1'
+  with pytest.raises(config.ConfigError, match='not one 0 or 1 per layer of model.num_layers=4'):
+    config.validate(cfg)
+
+
+def test_a_traced_layer_flag_selects_exactly_what_the_static_one_computes():
+  """Scanned layers carry their flag as data: both results are formed and one selected, bit for bit.
+  On a NoPE layer of a RoPE model neither the rotation nor YaRN's factor applies; log-n does."""
+  yarn = positions.Encoding(position='rope', rope_scaling='yarn', rope_scaling_factor=4.0, original_length=8, logn=True)
+  q = jax.random.normal(jax.random.key(3), (2, 24, 2, 8))
+  k = jax.random.normal(jax.random.key(4), (2, 24, 1, 8))
+  p = jnp.tile(jnp.arange(24), (2, 1))
+  traced = jax.jit(lambda q, k, p, flag: positions.apply(yarn, q, k, p, 24, flag))
+  for flag in (True, False):
+    static = jax.jit(lambda q, k, p: positions.apply(yarn, q, k, p, 24, flag))(q, k, p)
+    for a, b in zip(traced(q, k, p, jnp.asarray(flag)), static):
+      np.testing.assert_array_equal(a, b)
+  q_nope, k_nope = positions.apply(yarn, q, k, p, 24, False)
+  assert k_nope is k
+  np.testing.assert_allclose(q_nope, q * positions.logn_scale(p, 8)[:, :, None, None], rtol=1e-6)
+  # None: as model.position (rope here).
+  np.testing.assert_array_equal(positions.apply(yarn, q, k, p, 24, None)[0], positions.apply(yarn, q, k, p, 24, True)[0])

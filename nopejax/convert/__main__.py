@@ -59,10 +59,16 @@ def _parse(command, args) -> flags.FlagValues:
   return values
 
 
+def _position(summary) -> str:
+  """'nope', 'rope', or a hybrid's 'rope on layers 1,1,1,0' (model.rope_layers)."""
+  layers = summary.get('rope_layers')
+  return f'{summary["position"]} on layers {layers}' if layers else summary['position']
+
+
 def _run(command, values) -> None:
   if command == 'from-hf':
     summary = hf.from_hf(values.hf_dir, values.workdir, values.nope, values.tokenizer, values.compute_dtype)
-    print(f'Wrote {summary["workdir"]}: {summary["tensors"]} tensors, position {summary["position"]}, '
+    print(f'Wrote {summary["workdir"]}: {summary["tensors"]} tensors, position {_position(summary)}, '
           f'{"head-scale temperatures" if summary["head_scale"] else "temperatures 1"}, tokenizer '
           f'{summary["tokenizer"] or "none (set --config.data.tokenizer when training or evaluating)"}.')
     return
@@ -72,7 +78,7 @@ def _run(command, values) -> None:
                          values.layout)
   how = 'scale_param' if summary['scale_param'] else 'folded into q_proj' if summary['folded'] else 'none (all 1)'
   print(f'Wrote {summary["hf_dir"]}: {summary["layout"]} layout, {summary["tensors"]} tensors in {summary["files"]} '
-        f'file(s), position {summary["position"]}, temperatures: {how}.')
+        f'file(s), position {_position(summary)}, temperatures: {how}.')
 
 
 def main(argv=None) -> int:

@@ -156,8 +156,8 @@ def from_hf(hf_dir, workdir, nope=False, tokenizer=None, compute_dtype='float32'
   (out / SOURCE_FILE).write_text(json.dumps(
       {'hf_dir': os.path.abspath(hf_dir), 'nope': nope, 'config': hf_config, 'dtypes': dtypes}, indent=1, sort_keys=True))
   (out / 'config.json').write_text(config.to_json(cfg))
-  return {'workdir': workdir, 'position': cfg.model.position, 'tensors': len(dtypes),
-          'head_scale': any(name.endswith('scale_param') for name in dtypes), 'tokenizer': tokenizer}
+  return {'workdir': workdir, 'position': cfg.model.position, 'rope_layers': cfg.model.rope_layers,
+          'tensors': len(dtypes), 'head_scale': any(name.endswith('scale_param') for name in dtypes), 'tokenizer': tokenizer}
 
 
 def _source_of(workdir, cfg):
@@ -239,7 +239,7 @@ def to_hf_dir(workdir, hf_dir, dtype='auto', fold_temperatures=False, max_shard_
     f.write('\n')
   _copy_tokenizer(cfg, source, hf_dir)
   return {'hf_dir': hf_dir, 'tensors': len(paths), 'files': file_count, 'scale_param': with_scale_param,
-          'folded': fold_temperatures, 'position': cfg.model.position,
+          'folded': fold_temperatures, 'position': cfg.model.position, 'rope_layers': cfg.model.rope_layers,
           'layout': architecture}
 
 

@@ -1,5 +1,5 @@
 """Loss by token position and attention entropy by query position, averaged over documents; the
-bands of the loss curve (0-L, L-2L, 2L-4L, ...) that method.md, section 8 reads."""
+bands of the loss curve (0-L, L-2L, 2L-4L, ...) that docs/method.md, section 8 reads."""
 import functools
 
 import jax
@@ -57,7 +57,7 @@ def position_stats(model, documents, length: int, position_documents: int, entro
 
 
 def band_means(values, pretrain_length) -> dict:
-  """Mean of a per-position curve over 0-L, L-2L, 2L-4L, ... (method.md, section 8)."""
+  """Mean of a per-position curve over 0-L, L-2L, 2L-4L, ... (docs/method.md, section 8)."""
   bands, low, high = {}, 0, pretrain_length
   while low < len(values):
     bands[f'{low}-{min(high, len(values))}'] = float(np.mean(values[low:high]))

@@ -1,4 +1,4 @@
-"""Sliding-window perplexity by length (method.md, section 5): every window one document's tokens,
+"""Sliding-window perplexity by length (docs/method.md, section 5): every window one document's tokens,
 each scoring its last `stride` tokens, so every scored token has at least length - stride of context."""
 import functools
 import math
@@ -37,7 +37,7 @@ def nll_of_logits(logits_BxSxV, targets_BxS):
 
 
 def perplexity(documents, length: int, stride: int, max_tokens: int, batch_size: int, score_windows) -> dict:
-  """Sliding-window perplexity at `length` (method.md, section 5).
+  """Sliding-window perplexity at `length` (docs/method.md, section 5).
 
   documents: iterable of 1-D token arrays. score_windows(windows_BxN) -> nll_BxS: the NLL of each
   window's last S = `stride` tokens, each predicted from the window's tokens before it.

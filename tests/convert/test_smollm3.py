@@ -32,13 +32,12 @@ def converted(tmp_path_factory):
   return workdirs
 
 
-def logits_of(workdir):
-  """(training forward, chunked evaluation forward) logits on the fixture tokens."""
+def logits_of(workdir, chunked=True):
+  """(training forward, chunked evaluation forward or None) logits on the fixture tokens."""
   model, _ = nopejax.load(workdir)
   tokens = jnp.asarray(LOGITS['tokens'])
-  full = nnx.jit(lambda m, t: m(t))(model, tokens)
-  chunked = nnx.jit(lambda m, t: m.head(m.forward_chunked(t, 8)[0]))(model, tokens)
-  return np.asarray(full), np.asarray(chunked)
+  full = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
+  return full, np.asarray(nnx.jit(lambda m, t: m.head(m.forward_chunked(t, 8)[0]))(model, tokens)) if chunked else None
 
 
 @pytest.mark.parametrize('name', ['hybrid', 'nope'])
@@ -70,7 +69,7 @@ def test_hybrid_round_trips_through_to_hf_byte_for_byte(converted, tmp_path):
   written_config = json.loads((out / 'config.json').read_text())
   assert {k: written_config[k] for k in source_config} == source_config
   convert.from_hf(str(out), str(tmp_path / 'back'), tokenizer='byte')
-  np.testing.assert_allclose(logits_of(str(tmp_path / 'back'))[0], LOGITS['hybrid'], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(logits_of(str(tmp_path / 'back'), chunked=False)[0], LOGITS['hybrid'], atol=1e-4, rtol=0)
 
 
 def test_nope_workdir_exports_the_files_transformers_loaded_unpatched(tmp_path):
@@ -110,9 +109,9 @@ def test_temperatures_on_rope_layers_fold_into_q_proj(converted, tmp_path):
   convert.from_hf(str(tmp_path / 'hf'), str(tmp_path / 'back'), tokenizer='byte')
   back, _ = nopejax.load(str(tmp_path / 'back'))
   assert all(np.all(block.attention.temperature[...] == 1.0) for block in back.blocks)
-  with_temperatures = logits_of(str(workdir))[0]
+  with_temperatures = logits_of(str(workdir), chunked=False)[0]
   assert np.abs(with_temperatures - LOGITS['hybrid']).max() > 0.1
-  np.testing.assert_allclose(logits_of(str(tmp_path / 'back'))[0], with_temperatures, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(logits_of(str(tmp_path / 'back'), chunked=False)[0], with_temperatures, atol=1e-4, rtol=0)
 
 
 def test_layouts_by_position(converted, tmp_path):
@@ -122,19 +121,30 @@ def test_layouts_by_position(converted, tmp_path):
   with pytest.raises(ConfigError, match=r"--layout gpt is not one of \('auto', 'smollm3', 'llama'\)"):
     convert.to_hf_dir(converted['hybrid'], str(tmp_path / 'gpt'), layout='gpt')
   assert not (tmp_path / 'llama').exists() and not (tmp_path / 'gpt').exists()
-  rope = tmp_path / 'rope'
-  shutil.copytree(converted['hybrid'], rope)
-  saved = json.loads((rope / 'config.json').read_text())
-  saved['model']['rope_layers'] = ''
-  (rope / 'config.json').write_text(json.dumps(saved))
-  with pytest.raises(ConfigError, match='holds a model with model.rope_layers=1,1,1,0 but the config asks for'):
-    nopejax.load(str(rope))  # The checkpoint records its layers' positions.
   rope_source = tmp_path / 'rope_source'
   convert.from_hf(hf_copy(tmp_path, 'hf_smollm3_hybrid', {'no_rope_layers': [1, 1, 1, 1]}), str(rope_source),
                   tokenizer='byte')
   assert convert.to_hf_dir(str(rope_source), str(tmp_path / 'as_llama'))['layout'] == 'llama'
   convert.to_hf_dir(str(rope_source), str(tmp_path / 'as_smollm3'), layout='smollm3')
   assert json.loads((tmp_path / 'as_smollm3' / 'config.json').read_text())['no_rope_layers'] == [1, 1, 1, 1]
+
+
+def test_checkpoints_record_each_layers_position(converted, tmp_path):
+  """The meta holds the flags ('every:4' recorded as its list); a config with other flags is refused."""
+  from nopejax import checkpoint
+  assert checkpoint.read_meta(converted['hybrid'], 0)['model']['rope_layers'] == '1,1,1,0'
+  for rope_layers, ok in (('every:4', True), ('', False), ('1,1,0,1', False)):
+    workdir = tmp_path / f'layers_{rope_layers}'
+    shutil.copytree(converted['hybrid'], workdir)
+    saved = json.loads((workdir / 'config.json').read_text())
+    saved['model']['rope_layers'] = rope_layers
+    (workdir / 'config.json').write_text(json.dumps(saved))
+    if ok:
+      nopejax.load(str(workdir))
+    else:
+      with pytest.raises(ConfigError, match=f"holds a model with model.rope_layers=1,1,1,0 but the config asks for "
+                                            f"{rope_layers}; set --config.model.rope_layers=1,1,1,0"):
+        nopejax.load(str(workdir))
 
 
 @pytest.mark.parametrize('changes, message', [
