@@ -47,6 +47,8 @@ def get_config():
   cfg.data.separate_documents = False  # TinyLlama's packing let documents see each other.
   cfg.train.steps = 50_000
   cfg.train.batch_size = 1024  # x 2048 tokens = 2.1M tokens per step.
+  # Logits and their gradient 512 positions at a time (loss.chunked_cross_entropy), never the whole batch's.
+  cfg.train.loss_chunk = 512
   cfg.train.learning_rate = 3.5e-4
   cfg.train.warmup_steps = 2000
   cfg.train.final_lr_fraction = 4e-5 / 3.5e-4  # Cosine to 4e-5.

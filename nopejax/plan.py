@@ -135,6 +135,7 @@ def plan(cfg, topology='', buffers=10) -> dict:
       raise
     hbm, arguments, temporaries, total = refused
     flops = float('nan')
+    peak = {'heap_bytes': None, 'live_bytes': None, 'buffers': hlo.refusal_buffers(str(e), buffers)}
   else:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -227,14 +228,16 @@ def format_report(report) -> str:
   cost = report['step_cost_per_chip']
   xla_flops = cost['flops'] if cost else report['step_flops_per_chip']
   lines.append(f'  FLOPs per step   {report["model_flops_per_chip"]:.3e} model FLOPs (as MFU counts them); XLA counts '
-               f'{xla_flops:.3e}' + (f', and {cost["bytes accessed"]:.3e} bytes of HBM traffic' if cost else ''))
+               f'{xla_flops:.3e}' + (f', and {cost["bytes accessed"]:.3e} bytes of memory traffic' if cost else ''))
   estimate = report['roofline']
   if estimate:
     lines.append(f'step time, a roofline estimate (not a measurement; no collectives): {estimate["step_seconds"]:.3g} s '
                  f'(compute {estimate["compute_seconds"]:.3g} s at {estimate["peak_flops"] / 1e12:.0f} TFLOP/s, '
                  f'HBM {estimate["memory_seconds"]:.3g} s at {estimate["hbm_bandwidth"] / 1e9:.0f} GB/s), '
                  f'MFU at most {100 * estimate["mfu"]:.0f}%')
-  if report['peak_buffers']:
+  if report['peak_buffers'] and report['heap_bytes'] is None:
+    lines.append('largest allocations in HBM, as XLA:TPU lists them in its refusal:')
+  elif report['peak_buffers']:
     lines.append(f'largest arrays live at the memory peak (XLA\'s heap of temporaries {_size(report["heap_bytes"])}, '
                  f'{_size(report["peak_live_bytes"])} live then):')
     lines += [f'  {_size(b["bytes"]):>10}  {b["shape"]:<22} {b["op"]}' + (f'  [{b["source"]}]' if b['source'] else '')

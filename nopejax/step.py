@@ -35,6 +35,22 @@ def loss_sums(cfg, model, batch):
   return cross_entropy(model.head(x_BxTxD), batch['targets'], batch['loss_mask'])
 
 
+def whole_embedding(params, rules):
+  """`params` with a trained embedding table gathered whole along its width (vocab split as before).
+
+  Looked up from a table split over its width, the lookup's gradient sends every token of the
+  global batch to every device, as a [tokens, D / devices] float32 array that TPU tiling pads to
+  128 lanes. Gathered first, each device adds its own tokens' rows into a whole table's gradient,
+  which is reduce-scattered once, as the other weights' gradients are.
+  """
+  def gather(path, variable):
+    if getattr(path[-1], 'key', None) != 'embed_VxD':
+      return variable
+    return variable.replace(sharding.constrain(variable[...], ('vocab', None), rules))
+
+  return jax.tree_util.tree_map_with_path(gather, params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
 def length_weights(mask_BxT, lengths):
   """Per-token weights w such that sum(loss * w) is the mean over target lengths n of the mean loss
   of the windows' first n tokens (lengths = (T,): the plain mean over unmasked tokens).
@@ -64,7 +80,7 @@ def make_train_step(cfg, graphdef, tx):
 
   def loss_fn(params, frozen, batch):
     """The batch's loss weighted per token (length_weights): summed over microbatches, the whole mean."""
-    return loss_sums(cfg, nnx.merge(graphdef, params, frozen), batch)[0]
+    return loss_sums(cfg, nnx.merge(graphdef, whole_embedding(params, cfg.mesh.rules), frozen), batch)[0]
 
   def loss_and_grads(params, frozen, batch):
     # Weights from the whole batch, so microbatches add up to exactly the whole batch's loss.

@@ -5,7 +5,7 @@ import optax
 from flax import nnx
 
 from conftest import small_config
-from nopejax import model, optim, step as step_lib
+from nopejax import loss as loss_lib, model, optim, sharding, step as step_lib
 
 
 def make_batch(seed=0, B=8, T=16):
@@ -110,3 +110,100 @@ def test_length_weights_weigh_each_target_length_equally():
   all8 = (2 * 28 - 1) / 15
   np.testing.assert_allclose(jnp.sum(losses * step_lib.length_weights(mask, (2, 8))), (first2 + all8) / 2, rtol=1e-6)
   np.testing.assert_allclose(jnp.sum(losses * step_lib.length_weights(mask, (8,))), all8, rtol=1e-6)
+
+
+def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients():
+  """Its own VJP (logits recomputed a chunk at a time) matches autodiff of the whole logits."""
+  cfg = small_config()
+  graphdef, params = nnx.split(model.Transformer(cfg, nnx.Rngs(0)))
+  batch = make_batch(4)
+  batch['loss_mask'] = batch['loss_mask'].at[:3, :5].set(0.0)
+
+  def loss(params, chunk):
+    cfg.train.loss_chunk = chunk
+    return step_lib.loss_sums(cfg, nnx.merge(graphdef, params), batch)
+
+  (plain, plain_count), plain_grads = jax.value_and_grad(loss, has_aux=True)(params, 0)
+  for chunk in (4, 16):
+    (total, count), grads = jax.value_and_grad(loss, has_aux=True)(params, chunk)
+    np.testing.assert_allclose(total, plain, rtol=1e-6)
+    assert count == plain_count == 8 * 16 - 15
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_cross_entropy_gradient_of_the_token_weights_and_of_inputs_only():
+  x_BxTxD = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  w_DxV = jax.random.normal(jax.random.key(1), (16, 32))
+  targets_BxT = jax.random.randint(jax.random.key(2), (2, 8), 0, 32)
+  weights_BxT = jax.random.uniform(jax.random.key(3), (2, 8))
+  plain = lambda x, w, weights: loss_lib.cross_entropy(x @ w, targets_BxT, weights)[0]
+  chunked = lambda x, w, weights: loss_lib.chunked_cross_entropy(x, w, targets_BxT, weights, 2)
+  for argnums in ((0, 1, 2), (0,), (1,)):  # A frozen projection (the search) forms no gradient for it.
+    for a, b in zip(jax.grad(chunked, argnums)(x_BxTxD, w_DxV, weights_BxT),
+                    jax.grad(plain, argnums)(x_BxTxD, w_DxV, weights_BxT)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_head_inputs_multiply_to_the_model_head():
+  cfg = small_config()
+  for tied in (False, True):
+    cfg.model.tie_embeddings = tied
+    m = model.Transformer(cfg, nnx.Rngs(0))
+    x_BxTxD = jax.random.normal(jax.random.key(5), (2, 16, cfg.model.embed_dim))
+    x_normed_BxTxD, w_DxV = step_lib.head_inputs(m, x_BxTxD)
+    np.testing.assert_allclose(x_normed_BxTxD @ w_DxV, m.head(x_BxTxD), rtol=1e-5, atol=1e-6)
+
+
+def test_a_pretrain_with_loss_chunks_has_the_losses_of_the_whole_logits():
+  losses = {}
+  for chunk in (0, 4):
+    cfg = small_config()
+    cfg.train.loss_chunk = chunk
+    graphdef, tx, state = fresh_state(cfg)
+    train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx))
+    losses[chunk] = []
+    for _ in range(6):
+      state, metrics = train_step(state, make_batch(7))
+      losses[chunk].append(float(metrics['loss']))
+  np.testing.assert_allclose(losses[4], losses[0], rtol=1e-5)
+  assert losses[0][-1] < losses[0][0]
+
+
+def test_search_step_with_loss_chunks_matches_the_whole_logits():
+  results = []
+  for chunk in (0, 8):
+    cfg = small_config()
+    cfg.train.trainable = 'temperature'
+    cfg.train.loss_chunk = chunk
+    graphdef, tx, state = fresh_state(cfg)
+    results.append(jax.jit(step_lib.make_train_step(cfg, graphdef, tx))(state, make_batch(6)))
+  np.testing.assert_allclose(results[1][1]['grad_norm'], results[0][1]['grad_norm'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(results[1][0]['params']), jax.tree.leaves(results[0][0]['params'])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_chunks_give_the_same_step_on_an_fsdp_mesh():
+  """Sharded as on a slice (batch over data and fsdp, weights over fsdp): the chunks' logits and the
+  projection's gradient keep the partitioner's layouts and the step is the whole-logits one."""
+  results = []
+  for chunk in (0, 4):
+    cfg = small_config()
+    cfg.mesh.data, cfg.mesh.fsdp = 2, 4
+    cfg.train.loss_chunk = chunk
+    mesh = sharding.make_mesh(cfg)
+    tx = optim.make_optimizer(cfg)
+    with jax.set_mesh(mesh):
+      graphdef, _, shardings = step_lib.abstract_state(cfg, mesh, tx)
+      state = step_lib.init_state(cfg, shardings, tx)
+      batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
+      batch = jax.device_put(make_batch(8), batch_sharding)
+      train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
+                           out_shardings=(shardings, None))
+      new_state, metrics = train_step(state, batch)
+      results.append((jax.device_get(new_state['params']), jax.device_get(metrics)))
+  (whole_params, whole), (chunked_params, chunked) = results
+  np.testing.assert_allclose(chunked['loss'], whole['loss'], rtol=1e-6)
+  np.testing.assert_allclose(chunked['grad_norm'], whole['grad_norm'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(chunked_params), jax.tree.leaves(whole_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
