@@ -173,9 +173,6 @@ def validate(cfg) -> None:
   t = cfg.train
   if t.trainable not in TRAINABLE:
     raise ConfigError(f'train.trainable={t.trainable!r} is not one of {TRAINABLE}; pick one of those.')
-  if t.warmup_steps >= t.steps:
-    raise ConfigError(f'train.warmup_steps={t.warmup_steps} must be at least 0 and below train.steps={t.steps} '
-                      '(the cosine decay needs steps after it); lower train.warmup_steps.')
   if t.batch_size % t.microbatches:
     raise ConfigError(f'train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}; '
                       'set it to a divisor of the batch (1 = no accumulation).')

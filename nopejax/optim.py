@@ -28,12 +28,18 @@ def trainable_filter(cfg):
   return nnx.All(nnx.Param, nnx.Not(Temperature))
 
 
+def warmup_steps(cfg) -> int:
+  """train.warmup_steps, cut to the run's steps but one: a run shorter than its warmup (a quick try with
+  --config.train.steps=20) warms up over all but its last step instead of being refused."""
+  return min(cfg.train.warmup_steps, cfg.train.steps - 1)
+
+
 def learning_rate_schedule(cfg, peak=None) -> optax.Schedule:
   """train.*'s warmup then cosine, to `peak` (default train.learning_rate)."""
   t = cfg.train
   peak = t.learning_rate if peak is None else peak
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=t.warmup_steps,
+      init_value=0.0, peak_value=peak, warmup_steps=warmup_steps(cfg),
       decay_steps=t.steps, end_value=peak * t.final_lr_fraction)
 
 

@@ -44,8 +44,6 @@ def test_defaults_are_valid_and_locked():
     ({'model__dtype': 'float16'}, "model.dtype='float16' is not one of"),
     ({'model__temperature': 0.0}, 'model.temperature=0.0 must be a finite number > 0 (it multiplies every query)'),
     ({'train__trainable': 'all'}, "train.trainable='all' is not one of"),
-    ({'train__warmup_steps': 5000}, 'train.warmup_steps=5000 must be at least 0 and below train.steps=2000'),
-    ({'train__warmup_steps': 2000}, 'train.warmup_steps=2000 must be at least 0 and below train.steps=2000'),
     ({'train__log_every': 0}, 'train.log_every=0 must be >= 1; set it to e.g. 50 (the default).'),
     ({'train__checkpoint_every': 0}, 'train.checkpoint_every=0 must be >= 1'),
     ({'train__keep_checkpoints': -1}, 'train.keep_checkpoints=-1 must be >= 1'),

@@ -5,7 +5,7 @@ import optax
 from flax import nnx
 
 from conftest import small_config
-from nopejax import model, optim
+from nopejax import config, model, optim
 
 
 def split(cfg):
@@ -162,3 +162,12 @@ def test_min_temperature_bounds_the_ssmax_multiplier_at_the_schedule_length():
   state = model.set_temperatures(nnx.state(model.Transformer(cfg, nnx.Rngs(0)), model.Temperature), 0.1)
   clamped = jax.tree.leaves(optim.clamp_temperatures(state, s_min))
   assert clamped and all(np.allclose(leaf, s_min) for leaf in clamped)
+
+
+def test_a_run_shorter_than_its_warmup_warms_up_over_all_but_its_last_step():
+  cfg = small_config()
+  cfg.train.learning_rate, cfg.train.warmup_steps, cfg.train.steps = 0.1, 100, 20
+  config.validate(cfg)  # Accepted: a quick try of a config with a long warmup.
+  schedule = optim.learning_rate_schedule(cfg)
+  np.testing.assert_allclose([float(schedule(0)), float(schedule(19))], [0.0, 0.1], rtol=1e-6)
+  assert optim.warmup_steps(cfg) == 19
