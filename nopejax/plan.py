@@ -141,7 +141,14 @@ def plan(cfg, topology='', buffers=10) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get('flops', float('nan')))
-    step_cost = hlo.step_cost(compiled.as_text(), cost, jax.local_devices()[0].client)
+    text = compiled.as_text()
+    step_cost = hlo.step_cost(text, cost, jax.local_devices()[0].client)
+    if step_cost and re.search(_KERNEL_CALL, text):
+      # XLA counts no FLOPs inside a custom kernel (the attention: Pallas on TPU, cuDNN or Triton on
+      # GPU); add attention's as MFU counts them (model.flops_per_token's 12 L H Dh T per token).
+      m = cfg.model
+      attention = 12.0 * m.num_layers * m.num_heads * config.head_dim(cfg) * cfg.data.seq_len
+      step_cost['flops'] += attention * cfg.train.batch_size * cfg.data.seq_len / len(devices)
     arguments, temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
     # Outputs the step does not write over its donated inputs (the metrics) need their own room.
     total = arguments + temporaries + memory.output_size_in_bytes - memory.alias_size_in_bytes
@@ -165,7 +172,8 @@ def plan(cfg, topology='', buffers=10) -> dict:
       'hbm_bytes': hbm,
       'fits': None if hbm is None else total <= hbm,
       'step_flops_per_chip': flops,  # XLA's count; a scanned loop's body counts once.
-      'step_cost_per_chip': step_cost,  # XLA's 'flops' and 'bytes accessed', each loop body once per iteration.
+      # XLA's 'flops' (and attention's inside custom kernels) and 'bytes accessed', loop bodies once per iteration.
+      'step_cost_per_chip': step_cost,
       'scan_layers': cfg.model.scan_layers,
       'remat': config.remat_name(cfg.model.remat),
       'model_flops_per_chip': model_flops,
@@ -176,6 +184,9 @@ def plan(cfg, topology='', buffers=10) -> dict:
       'compile_seconds': compile_seconds,
       'compile_cpu_seconds': compile_cpu_seconds,  # All threads: steadier than wall time on a shared machine.
   }
+
+
+_KERNEL_CALL = r'custom_call_target="(tpu_custom_call|__cudnn\$fmha\w*|__gpu\$xla\.gpu\.triton)"'
 
 
 def roofline(step_cost, model_flops, peak_flops, bandwidth) -> dict:
@@ -227,11 +238,13 @@ def format_report(report) -> str:
     lines.append(f'  total            {gib(report["total_bytes"])} of {gib(report["hbm_bytes"])} HBM: {verdict}')
   cost = report['step_cost_per_chip']
   xla_flops = cost['flops'] if cost else report['step_flops_per_chip']
-  lines.append(f'  FLOPs per step   {report["model_flops_per_chip"]:.3e} model FLOPs (as MFU counts them); XLA counts '
-               f'{xla_flops:.3e}' + (f', and {cost["bytes accessed"]:.3e} bytes of memory traffic' if cost else ''))
+  counted = ('XLA counts {:.3e} (every loop iteration; attention inside custom kernels added), and {:.3e} bytes of '
+             'memory traffic'.format(xla_flops, cost['bytes accessed']) if cost else f'XLA counts {xla_flops:.3e}')
+  lines.append(f'  FLOPs per step   {report["model_flops_per_chip"]:.3e} model FLOPs (as MFU counts them); {counted}')
   estimate = report['roofline']
   if estimate:
-    lines.append(f'step time, a roofline estimate (not a measurement; no collectives): {estimate["step_seconds"]:.3g} s '
+    lines.append('step time, a roofline estimate (not a measurement; no collectives): '
+                 f'{estimate["step_seconds"]:.3g} s '
                  f'(compute {estimate["compute_seconds"]:.3g} s at {estimate["peak_flops"] / 1e12:.0f} TFLOP/s, '
                  f'HBM {estimate["memory_seconds"]:.3g} s at {estimate["hbm_bandwidth"] / 1e9:.0f} GB/s), '
                  f'MFU at most {100 * estimate["mfu"]:.0f}%')
@@ -240,8 +253,8 @@ def format_report(report) -> str:
   elif report['peak_buffers']:
     lines.append(f'largest arrays live at the memory peak (XLA\'s heap of temporaries {_size(report["heap_bytes"])}, '
                  f'{_size(report["peak_live_bytes"])} live then):')
-    lines += [f'  {_size(b["bytes"]):>10}  {b["shape"]:<22} {b["op"]}' + (f'  [{b["source"]}]' if b['source'] else '')
-              for b in report['peak_buffers']]
+  lines += [f'  {_size(b["bytes"]):>10}  {b["shape"]:<22} {b["op"]}' + (f'  [{b["source"]}]' if b['source'] else '')
+            for b in report['peak_buffers'] or []]
   lines.append(f'compiled in {report["compile_seconds"]:.1f} s ({report["compile_cpu_seconds"]:.1f} s of CPU time)')
   return '\n'.join(lines)
 

@@ -99,7 +99,7 @@ def test_xla_refusals_are_read_as_does_not_fit():
 
 
 def test_a_refusal_lists_xla_largest_allocations():
-  message = '''RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 1.66G of 1.55G hbm.
+  message = '''RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm.
   Largest program allocations in hbm:
 
   1. Size: 1.00G
