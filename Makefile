@@ -78,7 +78,7 @@ compare: setup
 	@echo "Table and plot: $(COMPARE_DIR)/compare.md, $(COMPARE_DIR)/compare.png"
 
 test: setup-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) runs
