@@ -69,3 +69,12 @@ def gcs():
   import fake_gcs
   with fake_gcs.serve():
     yield fake_gcs
+
+
+def damage(step_dir):
+  """Overwrites every data file of a checkpoint step's model item, as a failing disk would."""
+  for root, _, files in os.walk(os.path.join(step_dir, 'model')):
+    for name in files:
+      if os.path.basename(root) == 'd':
+        with open(os.path.join(root, name), 'wb') as f:
+          f.write(b'garbage')

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import nopejax
-from conftest import small_config
+from conftest import damage, small_config
 from nopejax import config, data, loop, optim
 from nopejax.config import ConfigError
 
@@ -203,15 +203,6 @@ def test_skipped_updates_and_the_applied_learning_rate_go_on_from_the_checkpoint
   schedule = optim.learning_rate_schedule(cfg)
   np.testing.assert_allclose([records[s]['learning_rate'] for s in range(1, 9)],
                              [float(schedule(min(s - 1, 1) + max(s - 3, 0))) for s in range(1, 9)], rtol=1e-6)
-
-
-def damage(step_dir):
-  """Overwrites every data file of a checkpoint step's model item, as a failing disk would."""
-  for root, _, files in os.walk(os.path.join(step_dir, 'model')):
-    for name in files:
-      if os.path.basename(root) == 'd':
-        with open(os.path.join(root, name), 'wb') as f:
-          f.write(b'garbage')
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_step(full_run, tmp_path, caplog):

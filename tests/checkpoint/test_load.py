@@ -9,6 +9,7 @@ import pytest
 import nopejax
 from nopejax import checkpoint, data, optim, sharding, step as step_lib
 from nopejax.config import ConfigError
+from conftest import damage
 
 
 @pytest.fixture
@@ -31,15 +32,6 @@ def test_load_matches_the_restored_train_state(trained):
   params = restored_params(cfg, workdir)
   m, _ = nopejax.load(workdir)
   np.testing.assert_array_equal(m.blocks[1].mlp.up_DxF[...], params['blocks'][1]['mlp']['up_DxF'][...])
-
-
-def damage(step_dir):
-  """Overwrites every data file of a checkpoint step's model item, as a failing disk would."""
-  for root, _, files in os.walk(os.path.join(step_dir, 'model')):
-    for name in files:
-      if os.path.basename(root) == 'd':
-        with open(os.path.join(root, name), 'wb') as f:
-          f.write(b'garbage')
 
 
 def test_a_damaged_newest_step_is_passed_over_and_left_where_it_is(trained, tmp_path, caplog):
