@@ -1,4 +1,5 @@
 """Test setup: 8 simulated CPU devices, so every sharding path runs without an accelerator."""
+import hashlib
 import os
 
 # Must happen before jax initializes its backends.
@@ -78,3 +79,15 @@ def damage(step_dir):
       if os.path.basename(root) == 'd':
         with open(os.path.join(root, name), 'wb') as f:
           f.write(b'garbage')
+
+
+def tree_digest(directory):
+  """A hash of every file's path and bytes under `directory`: equal digests, nothing on disk changed."""
+  digest = hashlib.sha256()
+  for root, _, files in sorted(os.walk(directory)):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      digest.update(path.encode())
+      with open(path, 'rb') as f:
+        digest.update(f.read())
+  return digest.hexdigest()

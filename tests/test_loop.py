@@ -1,4 +1,3 @@
-import hashlib
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ import pytest
 from flax import nnx
 
 import nopejax
-from conftest import damage, small_config
+from conftest import damage, small_config, tree_digest
 from nopejax import config, data, loop, optim
 from nopejax.config import ConfigError
 
@@ -81,17 +80,6 @@ def test_load_returns_the_trained_model(full_run):
   tokens = jnp.array([list(text)], jnp.int32)
   loss = -jax.nn.log_softmax(model(tokens))[0, jnp.arange(tokens.shape[1] - 1), tokens[0, 1:]].mean()
   assert loss < 3.5
-
-
-def tree_digest(directory):
-  digest = hashlib.sha256()
-  for root, _, files in sorted(os.walk(directory)):
-    for name in sorted(files):
-      path = os.path.join(root, name)
-      digest.update(path.encode())
-      with open(path, 'rb') as f:
-        digest.update(f.read())
-  return digest.hexdigest()
 
 
 def test_workdir_of_another_model_shape_is_refused_and_left_untouched(full_run, tfds_dir):

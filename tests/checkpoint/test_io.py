@@ -2,7 +2,6 @@
 (damage, another config's checkpoint, storage trouble tried again); the checks that refuse a
 checkpoint of another run kind, model or schedule before any array is read."""
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import small_config
+from conftest import small_config, tree_digest
 from nopejax import checkpoint, data, loop, optim, sharding, step as step_lib
 from nopejax.checkpoint import reads
 from nopejax.config import ConfigError
@@ -64,17 +63,6 @@ def test_a_checkpoint_restores_into_scanned_layers_and_trains_on(trained):
     graphdef = step_lib.abstract_state(cfg, sharding.make_mesh(cfg), optim.make_optimizer(cfg))[0]
     losses.append(float(jax.jit(step_lib.make_eval_step(cfg, graphdef))(state['params'], state['frozen'], batch)[0]))
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
-
-
-def tree_digest(directory):
-  digest = hashlib.sha256()
-  for root, _, files in sorted(os.walk(directory)):
-    for name in sorted(files):
-      path = os.path.join(root, name)
-      digest.update(path.encode())
-      with open(path, 'rb') as f:
-        digest.update(f.read())
-  return digest.hexdigest()
 
 
 def resume(cfg, workdir):

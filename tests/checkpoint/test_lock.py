@@ -1,6 +1,5 @@
 """WorkdirLock: one run at a time in a workdir; the lock of a dead run (gone, its pid reused, from
 before a reboot, or silent on another host) is taken over."""
-import hashlib
 import json
 import os
 import shutil
@@ -12,17 +11,7 @@ import pytest
 from nopejax import checkpoint, loop
 from nopejax.checkpoint import lock
 from nopejax.config import ConfigError
-
-
-def tree_digest(directory):
-  digest = hashlib.sha256()
-  for root, _, files in sorted(os.walk(directory)):
-    for name in sorted(files):
-      path = os.path.join(root, name)
-      digest.update(path.encode())
-      with open(path, 'rb') as f:
-        digest.update(f.read())
-  return digest.hexdigest()
+from conftest import tree_digest
 
 
 def write_lock(directory, **holder):
