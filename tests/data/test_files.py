@@ -388,7 +388,7 @@ def test_a_tiny_model_trains_from_zst_and_parquet_shards_in_place_and_resumes_ex
   assert read_losses(tmp_path / 'stopped', 6, 12) == read_losses(tmp_path / 'whole', 6, 12)
 
 
-def test_a_tiny_model_trains_from_beam_prepared_shards(tmp_path):
+def test_a_tiny_model_trains_from_beam_prepared_shards_and_resumes_exactly(tmp_path):
   pytest.importorskip('apache_beam')
   from nopejax import prepare
   for shard in range(3):
@@ -401,8 +401,13 @@ def test_a_tiny_model_trains_from_beam_prepared_shards(tmp_path):
   cfg.data.train_files, cfg.data.eval_files = str(tmp_path / 'train'), str(tmp_path / 'eval')
   cfg.train.steps = 6
   cfg.train.eval_every = 6
-  metrics = loop.run(cfg, str(tmp_path / 'run'))
+  metrics = loop.run(cfg, str(tmp_path / 'whole'))
   assert np.isfinite(metrics['loss']) and np.isfinite(metrics['eval_loss'])
+  cfg.train.stop_after = 3
+  loop.run(cfg, str(tmp_path / 'stopped'))
+  cfg.train.stop_after = 0
+  loop.run(cfg, str(tmp_path / 'stopped'))  # Resumes at step 3: the rows' positions in the token shards.
+  assert read_losses(tmp_path / 'stopped', 4, 6) == read_losses(tmp_path / 'whole', 4, 6)
 
 
 def test_a_bad_record_mid_run_stops_the_run_and_keeps_its_checkpoints(tmp_path):
