@@ -124,10 +124,10 @@ class FileBatches:
       windows = grain.experimental.WindowShuffleIterDataset(windows, window_size=cfg.data.shuffle_buffer, seed=seed)
     rows = len(self.rows)
     batches = windows.map(functools.partial(pipeline.window_to_example, separate_documents=cfg.data.separate_documents))
-    batches = batches.batch(rows, drop_remainder=True)
-    # A window shuffle reads its whole window before it yields; the read-ahead smooths that over steps.
-    read_ahead = max(2, -(-cfg.data.shuffle_buffer // rows) + 2)
-    self.iterator = iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=read_ahead))
+    # Driven from the caller's thread: a read-ahead thread on top of the interleave's own threads can
+    # deadlock, when garbage collection in an interleave thread closes an iterator whose read-ahead
+    # thread waits on that interleave.
+    self.iterator = iter(batches.batch(rows, drop_remainder=True))
 
   def __iter__(self):
     return self
