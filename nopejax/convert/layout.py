@@ -137,17 +137,25 @@ def config_from_hf(hf_config: dict, nope: bool, hf_dir: str):
   return cfg
 
 
+def decoder_keys(cfg) -> dict:
+  """The config.json keys of the decoder's shape, the same in the Llama and SmolLM3 layouts."""
+  m = cfg.model
+  return {
+      'vocab_size': m.vocab_size, 'hidden_size': m.embed_dim, 'intermediate_size': m.mlp_dim,
+      'num_hidden_layers': m.num_layers, 'num_attention_heads': m.num_heads,
+      'num_key_value_heads': m.num_kv_heads, 'head_dim': config.head_dim(cfg), 'hidden_act': 'silu',
+      'rms_norm_eps': m.norm_eps, 'tie_word_embeddings': m.tie_embeddings,
+      'attention_bias': False, 'mlp_bias': False,
+  }
+
+
 def hf_config_of(cfg, source=None, dtype='float32') -> dict:
   """A transformers LlamaConfig dict for cfg's model; keys of the source config.json kept where unchanged."""
   m = cfg.model
   out = dict((source or {}).get('config') or {})
   out.update({
       'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
-      'vocab_size': m.vocab_size, 'hidden_size': m.embed_dim, 'intermediate_size': m.mlp_dim,
-      'num_hidden_layers': m.num_layers, 'num_attention_heads': m.num_heads,
-      'num_key_value_heads': m.num_kv_heads, 'head_dim': config.head_dim(cfg), 'hidden_act': 'silu',
-      'rms_norm_eps': m.norm_eps, 'tie_word_embeddings': m.tie_embeddings,
-      'attention_bias': False, 'mlp_bias': False,
+      **decoder_keys(cfg),
   })
   out.setdefault('max_position_embeddings', cfg.data.seq_len)
   # transformers 5 writes rope_parameters and dtype, 4 wrote rope_theta and torch_dtype: update the

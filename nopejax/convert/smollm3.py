@@ -5,6 +5,7 @@ Llama's (layout.hf_layout) without `scale_param`: temperatures are folded into q
 RoPE layers too, since a per-head scale commutes with the rotation.
 """
 from nopejax import config, positions
+from nopejax.convert import layout
 from nopejax.config import ConfigError
 
 LAYOUTS = ('smollm3', 'llama')  # to-hf --layout; 'auto' = smollm3 unless every layer uses RoPE.
@@ -68,11 +69,7 @@ def hf_config_of(cfg, source=None, dtype='float32') -> dict:
   interval = m.rope_layers[len('every:'):] if m.rope_layers.startswith('every:') else None
   out.update({
       'architectures': ['SmolLM3ForCausalLM'], 'model_type': 'smollm3',
-      'vocab_size': m.vocab_size, 'hidden_size': m.embed_dim, 'intermediate_size': m.mlp_dim,
-      'num_hidden_layers': m.num_layers, 'num_attention_heads': m.num_heads,
-      'num_key_value_heads': m.num_kv_heads, 'head_dim': config.head_dim(cfg), 'hidden_act': 'silu',
-      'rms_norm_eps': m.norm_eps, 'tie_word_embeddings': m.tie_embeddings,
-      'attention_bias': False, 'mlp_bias': False, 'use_sliding_window': False, 'sliding_window': None,
+      **layout.decoder_keys(cfg), 'use_sliding_window': False, 'sliding_window': None,
       'no_rope_layers': [int(f) for f in rope_flags(cfg)],
       # transformers 5 reads rope_parameters, 4 read rope_theta; both say the same. A NoPE model's
       # theta is unused, but SmolLM3's default one would be read if none were written.
