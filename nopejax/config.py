@@ -19,7 +19,7 @@ TRAINABLE = ('model', 'temperature', 'model+temperature')
 TEMPERATURE_SCHEDULES = ('constant', 'log', 'ssmax')
 OCTAVE_SHAPES = ('ramp', 'step')
 ATTENTION_IMPLS = ('auto', 'xla', 'chunked', 'splash', 'cudnn')
-REMAT = ('none', 'full', 'save_dots', 'save_dots_no_batch', 'save_qkv_proj')  # model.py: what each keeps.
+REMAT = ('none', 'full', 'save_dots', 'save_dots_no_batch', 'save_qkv_proj', 'offload')  # model.py: what each keeps.
 
 
 class ConfigError(ValueError):

@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'. Params stay float32.
   # What the backward pass recomputes of each block: 'none', 'full' (everything: least memory),
   # 'save_dots' (keeps every matmul output), 'save_dots_no_batch' (keeps the projections' and the
-  # MLP's outputs, recomputes attention) or 'save_qkv_proj' (keeps q, k, v).
+  # MLP's outputs, recomputes attention), 'save_qkv_proj' (keeps q, k, v) or 'offload' (as 'full',
+  # the blocks' inputs kept in host memory instead of the accelerator's).
   cfg.model.remat = 'none'
   cfg.model.scan_layers = False  # Scan one block over the layers' stacked weights: compile time independent of depth.
   # Attention kernel: 'auto' (splash on TPU, cudnn on GPU where it applies, else chunked from

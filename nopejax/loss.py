@@ -93,8 +93,9 @@ def _bwd(chunk, rules, residuals, g):
     dlogits_NxV = dlogits_BxCxV.reshape(B * C, V)
     dx_BxCxD = (dlogits_NxV @ w_DxV.T).reshape(B, C, D) if want_x else None
     if want_w:
-      # Split as the projection is: each chunk's sum over the batch is reduce-scattered at once, so
-      # no device holds a whole [D, V] float32 gradient.
+      # Split as the projection is: each chunk's sum over the batch is summed over the devices at
+      # once and each keeps its part, so the accumulator is never a whole [D, V] float32 array (one
+      # chunk's sum is, for the moment of the collective).
       dw_DxV = sharding.constrain(
           dw_DxV + jnp.matmul(x_BxCxD.reshape(B * C, D).T, dlogits_NxV, preferred_element_type=jnp.float32),
           ('embed', 'vocab'), rules)

@@ -196,6 +196,12 @@ REMAT_POLICIES = {
     'save_dots': jax.checkpoint_policies.dots_saveable,  # Every matmul output, attention logits included.
     'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Projections and MLP, not attention.
     'save_qkv_proj': jax.checkpoint_policies.save_only_these_names('qkv_proj'),  # q, k, v only.
+    # As 'full', with each layer's input (all the backward pass keeps) in the host's memory: the
+    # [L, B, T, D] stack leaves HBM, copied out in the forward pass and back, a layer ahead, in the
+    # backward pass (TPU and GPU; on the CPU host and device memory are one).
+    'offload': jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=['layer_input'],
+        offload_src='device', offload_dst='pinned_host'),
 }
 
 
@@ -207,6 +213,7 @@ def _block_fn(graphdef, remat, prevent_cse=True):
   afterwards, which fails when the model was merged inside an outer jax.grad.
   """
   def pure_block(block_state, x_BxTxD, segment_ids_BxT, positions_BxT, uses_rope=None):
+    x_BxTxD = checkpoint_name(x_BxTxD, 'layer_input')  # What model.remat='offload' moves to the host.
     return nnx.merge(graphdef, block_state)(x_BxTxD, segment_ids_BxT, positions_BxT, uses_rope)
 
   if remat == 'none':

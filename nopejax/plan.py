@@ -134,6 +134,7 @@ def plan(cfg, topology='', buffers=10) -> dict:
     if refused is None:
       raise
     hbm, arguments, temporaries, total = refused
+    host_temporaries = None
     flops = float('nan')
     peak = {'heap_bytes': None, 'live_bytes': None, 'buffers': hlo.refusal_buffers(str(e), buffers)}
   else:
@@ -150,6 +151,7 @@ def plan(cfg, topology='', buffers=10) -> dict:
       attention = 12.0 * m.num_layers * m.num_heads * config.head_dim(cfg) * cfg.data.seq_len
       step_cost['flops'] += attention * cfg.train.batch_size * cfg.data.seq_len / len(devices)
     arguments, temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
+    host_temporaries = getattr(memory, 'host_temp_size_in_bytes', 0)  # model.remat='offload': the layers' inputs.
     # Outputs the step does not write over its donated inputs (the metrics) need their own room.
     total = arguments + temporaries + memory.output_size_in_bytes - memory.alias_size_in_bytes
   compile_seconds, compile_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
@@ -168,6 +170,7 @@ def plan(cfg, topology='', buffers=10) -> dict:
       'optimizer_bytes': optimizer,
       'other_argument_bytes': None if arguments is None else arguments - params - optimizer,  # Batch, step counter.
       'temp_bytes': temporaries,
+      'host_temp_bytes': host_temporaries,  # In the host's memory, not HBM (offloaded by model.remat).
       'total_bytes': total,
       'hbm_bytes': hbm,
       'fits': None if hbm is None else total <= hbm,
@@ -230,6 +233,8 @@ def format_report(report) -> str:
       f'  batch and step   {gib(report["other_argument_bytes"])}',
       f'  temporaries      {gib(report["temp_bytes"])}',
   ]
+  if report['host_temp_bytes']:
+    lines.append(f'  in host memory   {gib(report["host_temp_bytes"])} (offloaded: model.remat={report["remat"]}; not in the total)')
   if report['hbm_bytes'] is None:
     lines.append(f'  total            {gib(report["total_bytes"])} (HBM unknown on this device)')
   else:
@@ -243,7 +248,7 @@ def format_report(report) -> str:
   lines.append(f'  FLOPs per step   {report["model_flops_per_chip"]:.3e} model FLOPs (as MFU counts them); {counted}')
   estimate = report['roofline']
   if estimate:
-    lines.append('step time, a roofline estimate (not a measurement; no collectives): '
+    lines.append('step time, a roofline estimate (not a measurement; no collectives or host transfers): '
                  f'{estimate["step_seconds"]:.3g} s '
                  f'(compute {estimate["compute_seconds"]:.3g} s at {estimate["peak_flops"] / 1e12:.0f} TFLOP/s, '
                  f'HBM {estimate["memory_seconds"]:.3g} s at {estimate["hbm_bandwidth"] / 1e9:.0f} GB/s), '

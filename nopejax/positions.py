@@ -168,19 +168,39 @@ def inverse_frequencies(encoding: Encoding, head_dim: int, length: int):
   raise ValueError(f'unknown model.rope_scaling {e.rope_scaling!r}')
 
 
+@jax.custom_vjp
 def rotate(x_BxTxHxDh, positions_BxT, inverse_frequencies_F):
   """x rotated by its tokens' positions, rotate-half layout: dims m and m + Dh/2 form one pair.
 
   The angles and the rotation are computed in float32, the result has x's dtype. Rotating q and
   k with the same positions makes their dot product a function of the position difference.
   """
-  angles_BxTxF = positions_BxT.astype(jnp.float32)[:, :, None] * inverse_frequencies_F
-  cos_BxTx1xDh = jnp.cos(jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1))[:, :, None, :]
-  sin_BxTx1xDh = jnp.sin(jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1))[:, :, None, :]
-  x = x_BxTxHxDh.astype(jnp.float32)
-  first, second = jnp.split(x, 2, axis=-1)
-  rotated_half = jnp.concatenate([-second, first], axis=-1)
-  return (x * cos_BxTx1xDh + rotated_half * sin_BxTx1xDh).astype(x_BxTxHxDh.dtype)
+  return _rotate(x_BxTxHxDh, positions_BxT, inverse_frequencies_F, 1.0)
+
+
+def _rotate(x_BxTxHxDh, positions_BxT, inverse_frequencies_F, direction):
+  # Each half is computed in float32 and rounded to x's dtype on its own (the same rounding as of
+  # the whole), so no float32 array of q's or k's size is ever written out: on TPU a float32 array
+  # whose last axis is Dh/2 takes a whole 128-lane tile per row, 4x its size at Dh 64.
+  angles_BxTx1xF = (positions_BxT.astype(jnp.float32)[:, :, None] * inverse_frequencies_F)[:, :, None, :]
+  cos_BxTx1xF, sin_BxTx1xF = jnp.cos(angles_BxTx1xF), direction * jnp.sin(angles_BxTx1xF)
+  first, second = (half.astype(jnp.float32) for half in jnp.split(x_BxTxHxDh, 2, axis=-1))
+  return jnp.concatenate([(first * cos_BxTx1xF - second * sin_BxTx1xF).astype(x_BxTxHxDh.dtype),
+                          (second * cos_BxTx1xF + first * sin_BxTx1xF).astype(x_BxTxHxDh.dtype)], axis=-1)
+
+
+def _rotate_fwd(x_BxTxHxDh, positions_BxT, inverse_frequencies_F):
+  return _rotate(x_BxTxHxDh, positions_BxT, inverse_frequencies_F, 1.0), (positions_BxT, inverse_frequencies_F)
+
+
+def _rotate_bwd(residuals, g_BxTxHxDh):
+  # A rotation's transpose is the rotation by the opposite angles, computed as forward is. (Autodiff
+  # would sum each half's two cotangents in float32 and write them out before rounding.)
+  positions_BxT, inverse_frequencies_F = residuals
+  return _rotate(g_BxTxHxDh, positions_BxT, inverse_frequencies_F, -1.0), None, None
+
+
+rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,9 +166,10 @@ def test_remat_changes_nothing_but_memory():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_scanned_layers_compute_what_the_unrolled_ones_do_from_the_same_state():
+@pytest.mark.parametrize('remat', ['save_qkv_proj', 'offload'])
+def test_scanned_layers_compute_what_the_unrolled_ones_do_from_the_same_state(remat):
   # The same state runs either way (so either layout's checkpoint restores into the other), under
-  # a named remat policy too.
+  # a named remat policy too, the layers' inputs kept in host memory with 'offload'.
   cfg = small_config()
   tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, 256)
   graphdef, params, frozen = nnx.split(make(cfg), optim.trainable_filter(cfg), ...)
@@ -180,7 +181,7 @@ def test_scanned_layers_compute_what_the_unrolled_ones_do_from_the_same_state():
     return jax.jit(jax.value_and_grad(loss))(params)
 
   plain_loss, plain_grads = loss_and_grads(False, 'none')
-  scan_loss, scan_grads = loss_and_grads(True, 'save_qkv_proj')
+  scan_loss, scan_grads = loss_and_grads(True, remat)
   assert jax.tree.structure(plain_grads) == jax.tree.structure(scan_grads)
   np.testing.assert_allclose(plain_loss, scan_loss, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(scan_grads)):

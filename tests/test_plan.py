@@ -64,6 +64,25 @@ def test_plan_compiles_a_small_model_for_a_tpu_slice_from_this_machine():
   assert 0 < estimate['mfu'] < 1
 
 
+def test_offloaded_layer_inputs_leave_the_chips_memory():
+  # model.remat='offload': the scan's saved layer inputs, [L, rows per chip, T, D] float32 here,
+  # are host memory, reported apart from the HBM total.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1')
+  command = [sys.executable, '-m', 'nopejax.plan', '--config', 'configs/tiny.py', '--topology', 'v5e-4',
+             '--config.model.num_layers=2', '--config.train.batch_size=32', '--config.model.scan_layers=True']
+  reports = {}
+  for remat in ('full', 'offload'):
+    result = subprocess.run(command + [f'--config.model.remat={remat}', '--json'], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reports[remat] = json.loads(result.stdout.strip().splitlines()[-1])
+  layer_inputs = 2 * (32 // 4) * 64 * 128 * 4
+  assert reports['full']['host_temp_bytes'] == 0
+  assert reports['offload']['host_temp_bytes'] >= layer_inputs
+  text = plan.format_report(reports['offload'])
+  assert 'in host memory' in text and 'model.remat=offload' in text
+
+
 def test_plan_on_local_devices_names_the_peak_buffers_and_counts_every_layer():
   # Eight CPU devices: XLA:CPU writes the same buffer assignment. Scanned or not, a step's FLOPs
   # are the same once each loop body counts once per iteration.

@@ -30,6 +30,33 @@ def test_rotation_is_llamas_rotate_half_as_complex_multiplication():
   np.testing.assert_allclose(rotated[:, :1][p[:, :1] == 0], x[:, :1][p[:, :1] == 0], atol=1e-6)  # Position 0: identity.
 
 
+def test_rotation_gradient_is_the_rotation_by_the_opposite_angles():
+  """rotate's own VJP against the Jacobian of the plain formula (autodiff), and in bfloat16 against
+  autodiff of the float32 formula rounded once: bit for bit."""
+  x = jax.random.normal(jax.random.key(0), (2, 6, 3, 8))
+  g = jax.random.normal(jax.random.key(1), x.shape)
+  p = jnp.array([[0, 1, 2, 7, 100, 5], [3, 3, 9, 40, 1000, 2]])
+  inverse_frequencies = jnp.asarray(1000.0 ** (-np.arange(4) * 2 / 8), jnp.float32)
+
+  def float32_formula(x):
+    angles = p[:, :, None, None].astype(jnp.float32) * jnp.concatenate([inverse_frequencies] * 2)
+    x = x.astype(jnp.float32)
+    first, second = jnp.split(x, 2, axis=-1)
+    return x * jnp.cos(angles) + jnp.concatenate([-second, first], -1) * jnp.sin(angles)
+
+  jacobian = jax.jacrev(float32_formula)(x)  # Autodiff of the plain formula.
+  expected = jnp.einsum('bthd,bthdBTHD->BTHD', g, jacobian)
+  _, vjp = jax.vjp(lambda x: positions.rotate(x, p, inverse_frequencies), x)
+  np.testing.assert_allclose(vjp(g)[0], expected, atol=1e-6)
+  np.testing.assert_allclose(jnp.sum(vjp(g)[0] ** 2), jnp.sum(g ** 2), rtol=1e-5)  # A rotation keeps lengths.
+
+  x_bf16, g_bf16 = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+  _, vjp_bf16 = jax.vjp(lambda x: positions.rotate(x, p, inverse_frequencies), x_bf16)
+  _, vjp_formula = jax.vjp(lambda x: float32_formula(x).astype(jnp.bfloat16), x_bf16)
+  assert vjp_bf16(g_bf16)[0].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(vjp_bf16(g_bf16)[0].astype(jnp.float32), vjp_formula(g_bf16)[0].astype(jnp.float32))
+
+
 def test_rope_logits_depend_only_on_the_position_difference():
   q = jax.random.normal(jax.random.key(1), (1, 1, 2, 16))
   k = jax.random.normal(jax.random.key(2), (1, 1, 2, 16))
