@@ -1,5 +1,13 @@
 # `make demo` and `make test` do all the set-up on a fresh machine.
-PYTHON ?= python3.11
+# The pins need Python 3.12: python3.12 on PATH if it runs (a pyenv shim runs only where 3.12 is
+# selected), else pyenv's newest 3.12 (pyenv root: PYENV_ROOT or ~/.pyenv); or name one:
+# make test PYTHON=/path/to/python3.12.
+PYTHON ?= $(firstword $(shell python3.12 -c '' 2>/dev/null && echo python3.12; \
+    ls -d "$${PYENV_ROOT:-$$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV))
+NO_PYTHON = $(error No Python 3.12 found (python3.12 on PATH or under pyenv): install one or pass PYTHON=/path/to/python3.12)
+# The bench environment (torch and transformers, no jax) keeps Python 3.11, for which its torch 2.13.0
+# CPU wheel is at hand.
+BENCH_PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 BENCH_VENV := .venv-bench
@@ -21,8 +29,9 @@ setup-bench: $(BENCH_VENV)/.installed
 
 # pyproject.toml holds every pin. `make demo` needs the package alone; the tests add the dev extra (every
 # optional extra's code runs in the suite) and libtpu (the TPU compile tests); `make plan` libtpu.
+# A .venv of another Python than 3.12 is made anew (its pip would refuse the pins).
 $(VENV)/.installed: pyproject.toml
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	test -x $(VENV)/bin/python3.12 || { rm -rf $(VENV) && $(or $(PYTHON),$(NO_PYTHON)) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .
 	touch $@
@@ -54,7 +63,7 @@ demo: setup
 # The PyTorch side of the benchmark lives in its own environment, never in the main one: only the
 # pins of pyproject.toml's bench extra, without nopejax and jax.
 $(BENCH_VENV)/.installed: pyproject.toml
-	test -d $(BENCH_VENV) || $(PYTHON) -m venv $(BENCH_VENV)
+	test -d $(BENCH_VENV) || $(BENCH_PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install --quiet $$($(BENCH_VENV)/bin/python -c \
 	    "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench'])")
