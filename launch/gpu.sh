@@ -3,7 +3,8 @@
 # commands (and the batch script) instead of running them.
 #
 #   bash launch/gpu.sh install                     (in the repository, on storage every node sees: .venv with
-#       pip install -e '.[cuda,files]', the pins of pyproject.toml and jax's CUDA 12 build)
+#       pip install -e '.[cuda,files]', the pins of pyproject.toml and jax's CUDA 13 build; Python 3.12:
+#       python3.12 on PATH, or PYTHON=/path/to/python3.12)
 #   bash launch/gpu.sh slurm --nodes 2 [--gpus-per-node 8] [--partition P] [--time 7-00:00:00] -- TRAIN FLAGS
 #       One process per GPU: jax's SLURM detection joins them and gives each its GPU.
 #   COORDINATOR=node0:12345 NUM_NODES=2 NODE_RANK=0 bash launch/gpu.sh node -- TRAIN FLAGS
@@ -46,7 +47,11 @@ need_train_args() {
 
 case "$command" in
   install)
-    [[ -d .venv ]] || run python3.11 -m venv .venv
+    # A .venv of another Python than 3.12 is made anew (its pip would refuse the pins).
+    if [[ ! -x .venv/bin/python3.12 ]]; then
+      [[ ! -d .venv ]] || run rm -rf .venv
+      run "${PYTHON:-python3.12}" -m venv .venv
+    fi
     run .venv/bin/pip install -q -e '.[cuda,files]'
     ;;
   slurm)

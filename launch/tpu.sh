@@ -91,9 +91,12 @@ install() {
     echo "error: NOPEJAX_REPO=$repo is neither a folder here nor a git URL; set it to a checkout of nopejax or its URL" >&2
     exit 2
   fi
-  # The images ship Python 3.10; the pinned stack needs 3.11.
-  on_workers all "sudo apt-get -qq update && sudo apt-get -qq install -y python3.11 python3.11-venv git && $fetch \
-&& cd nopejax && { test -d .venv || python3.11 -m venv .venv; } && .venv/bin/pip install -q --upgrade pip \
+  # The images ship Python 3.10 (Ubuntu 22.04); the pinned stack needs 3.12, from the deadsnakes PPA
+  # where the release has none. A .venv of another Python is made anew (its pip would refuse the pins).
+  on_workers all "sudo apt-get -qq update && { apt-cache show python3.12-venv > /dev/null 2>&1 \
+|| sudo add-apt-repository -y ppa:deadsnakes/ppa > /dev/null; } && sudo apt-get -qq install -y python3.12 python3.12-venv git \
+&& $fetch && cd nopejax && { test -x .venv/bin/python3.12 || { rm -rf .venv && python3.12 -m venv .venv; }; } \
+&& .venv/bin/pip install -q --upgrade pip \
 && .venv/bin/pip install -q -e '.[tpu,files]'"
 }
 
