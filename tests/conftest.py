@@ -13,8 +13,26 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # The CPU backend only: libtpu (installed for the TPU compile tests) would otherwise probe for a TPU.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # Several processes may compile for TPU at once.
+# One persistent compilation cache for the whole run: the pytest-xdist workers and the commands the
+# tests start as processes inherit it, so a program compiled once (the small model's train step, say,
+# which every loop.run compiles anew) is read back instead of compiled again. A cache hit is the same
+# executable, so no result changes. The directory is this run's own (a fresh clone compiles as CI does)
+# and goes when the run ends; a size limit makes jax lock the entries it writes and reads concurrently.
+_JAX_CACHE_CREATED = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import tempfile
+  _JAX_CACHE_CREATED = os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='nopejax-test-jax-cache-')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 << 30))
 
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  """The process that made the compilation cache (pytest's main one) removes it at the end."""
+  if _JAX_CACHE_CREATED:
+    import shutil
+    shutil.rmtree(_JAX_CACHE_CREATED, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
