@@ -18,11 +18,12 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # Several processes ma
 # which every loop.run compiles anew) is read back instead of compiled again. A cache hit is the same
 # executable, so no result changes. The directory is this run's own (a fresh clone compiles as CI does)
 # and goes when the run ends; a size limit makes jax lock the entries it writes and reads concurrently.
+# Only compiles of over a second are written (jax's default): the many small ones of eager code would
+# cost more to write than to compile.
 _JAX_CACHE_CREATED = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   import tempfile
   _JAX_CACHE_CREATED = os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='nopejax-test-jax-cache-')
-  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 << 30))
 
 import pytest  # noqa: E402
