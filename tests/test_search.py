@@ -16,6 +16,9 @@ from nopejax import checkpoint, loop, model, optim, paths, search, sharding, ste
 from nopejax.config import ConfigError
 
 PRETRAIN_LENGTH = 16
+# One worker runs this file under pytest-xdist (pyproject.toml: --dist=loadgroup), so the module's
+# 300-step base run and its search are made once, not once per worker.
+pytestmark = pytest.mark.xdist_group('test_search')
 
 
 @pytest.fixture(scope='module')
