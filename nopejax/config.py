@@ -115,7 +115,7 @@ def validate(cfg) -> None:
     raise ConfigError(f"model.attention_impl='cudnn' needs model.dtype='bfloat16', not {m.dtype!r}; set model.dtype=bfloat16 or model.attention_impl=auto.")
   if m.attention_impl == 'cudnn' and cfg.data.separate_documents:
     raise ConfigError("model.attention_impl='cudnn' cannot mask packed documents apart (data.separate_documents=True) "
-                      'under grouped-query attention in jax 0.10.2; set data.separate_documents=False or model.attention_impl=chunked.')
+                      'under grouped-query attention here; set data.separate_documents=False or model.attention_impl=chunked.')
   if not m.head_dim and m.embed_dim % m.num_heads:
     raise ConfigError(
         f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; '

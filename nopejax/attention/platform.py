@@ -21,15 +21,16 @@ def current_platform() -> str:
 
 
 def cudnn_unsupported(dtype, head_dim, has_segments) -> str:
-  """Why cuDNN attention cannot run this shape in jax 0.10.2, or '' if it can."""
+  """Why cuDNN attention cannot run this shape, or '' if it can."""
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return f'cuDNN attention needs bfloat16 inputs, not {jnp.dtype(dtype).name}'
   if head_dim % 8 or head_dim > 256:
     return f'cuDNN attention needs a head dimension that is a multiple of 8 up to 256, not {head_dim}'
   if has_segments:
-    # jax 0.10.2's packed-segment path picks the wrong keys under GQA, and a boolean mask becomes
-    # a dense [B, 1, T, T] bias with a dense gradient: neither is what cudnn is for.
-    return 'cuDNN attention in jax 0.10.2 cannot mask packed documents apart correctly'
+    # jax 0.10.2's packed-segment path picked the wrong keys under GQA (jax 0.12.1 carries an upstream
+    # fix, not yet checked on a GPU here), and a boolean mask becomes a dense [B, 1, T, T] bias with a
+    # dense gradient: neither is what cudnn is for.
+    return 'cuDNN attention here does not mask packed documents apart'
   return ''
 
 
