@@ -65,6 +65,31 @@ def small_config(tfds_dir=None):
   return cfg
 
 
+def make_batch(seed=0, B=8, T=16):
+  """A batch of random tokens over the small model's vocabulary: one document per row, every token counted."""
+  import jax
+  import jax.numpy as jnp
+  tokens = jax.random.randint(jax.random.key(seed), (B, T + 1), 0, 256)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': jnp.ones((B, T), jnp.int32),
+          'positions': jnp.tile(jnp.arange(T), (B, 1)), 'loss_mask': jnp.ones((B, T))}
+
+
+def sharded_train_step(cfg):
+  """(mesh, fresh state, train step, batch sharding) of cfg on its mesh, the step jitted over the state's
+  and the batch's shardings; run it under jax.set_mesh(mesh)."""
+  import jax
+  from nopejax import optim, sharding, step as step_lib
+  mesh = sharding.make_mesh(cfg)
+  tx = optim.make_optimizer(cfg)
+  with jax.set_mesh(mesh):
+    graphdef, _, shardings = step_lib.abstract_state(cfg, mesh, tx)
+    state = step_lib.init_state(cfg, shardings, tx)
+  batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
+  train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, None))
+  return mesh, state, train_step, batch_sharding
+
+
 @pytest.fixture
 def small_cfg(tfds_dir):
   return small_config(tfds_dir)

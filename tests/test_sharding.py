@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import small_config
+from conftest import make_batch, sharded_train_step, small_config
 from nopejax import optim, sharding, step as step_lib
 from nopejax.config import ConfigError
 
@@ -84,19 +84,9 @@ def one_layer_config():
 @pytest.mark.parametrize('mesh_sizes', [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_train_step_runs_and_keeps_every_parameter_sharded(mesh_sizes):
   cfg = with_mesh(one_layer_config(), *mesh_sizes)
-  mesh = sharding.make_mesh(cfg)
-  tx = optim.make_optimizer(cfg)
+  mesh, state, train_step, batch_sharding = sharded_train_step(cfg)
   with jax.set_mesh(mesh):
-    graphdef, _, shardings = step_lib.abstract_state(cfg, mesh, tx)
-    state = step_lib.init_state(cfg, shardings, tx)
-    batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
-    tokens = jax.random.randint(jax.random.key(0), (8, 17), 0, 256)
-    batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': jnp.ones((8, 16), jnp.int32),
-             'positions': jnp.tile(jnp.arange(16), (8, 1)), 'loss_mask': jnp.ones((8, 16))}
-    batch = jax.device_put(batch, batch_sharding)
-    train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx),
-                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
-    new_state, metrics = train_step(state, batch)
+    new_state, metrics = train_step(state, jax.device_put(make_batch(), batch_sharding))
     assert np.isfinite(float(metrics['loss']))
 
   assert dict(mesh.shape) == dict(zip(sharding.MESH_AXES, mesh_sizes))
@@ -143,15 +133,9 @@ def test_sharded_optimizer_state_gives_the_replicated_step():
   for shard_optimizer in (False, True):
     cfg = with_mesh(one_layer_config(), 8, 1, 1)
     cfg.mesh.shard_optimizer = shard_optimizer
-    mesh = sharding.make_mesh(cfg)
-    tx = optim.make_optimizer(cfg)
+    mesh, state, step, batch_sharding = sharded_train_step(cfg)
     with jax.set_mesh(mesh):
-      graphdef, _, shardings = step_lib.abstract_state(cfg, mesh, tx)
-      state = step_lib.init_state(cfg, shardings, tx)
-      tokens = jax.random.randint(jax.random.key(0), (8, 17), 0, 256)
-      batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': jnp.ones((8, 16), jnp.int32),
-               'positions': jnp.tile(jnp.arange(16), (8, 1)), 'loss_mask': jnp.ones((8, 16))}
-      step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx), out_shardings=(shardings, None))
+      batch = jax.device_put(make_batch(), batch_sharding)
       for _ in range(2):
         state, _ = step(state, batch)
       results.append(jax.tree.map(np.asarray, nnx.to_pure_dict(state['params'])))

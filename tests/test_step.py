@@ -4,14 +4,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from conftest import small_config
-from nopejax import loss as loss_lib, model, optim, sharding, step as step_lib
-
-
-def make_batch(seed=0, B=8, T=16):
-  tokens = jax.random.randint(jax.random.key(seed), (B, T + 1), 0, 256)
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': jnp.ones((B, T), jnp.int32),
-          'positions': jnp.tile(jnp.arange(T), (B, 1)), 'loss_mask': jnp.ones((B, T))}
+from conftest import make_batch, sharded_train_step, small_config
+from nopejax import loss as loss_lib, model, optim, step as step_lib
 
 
 def fresh_state(cfg):
@@ -192,16 +186,9 @@ def test_loss_chunks_give_the_same_step_on_an_fsdp_mesh():
     cfg.model.num_layers = 1  # The head and its loss are what the chunks change; one block compiles faster.
     cfg.mesh.data, cfg.mesh.fsdp = 2, 4
     cfg.train.loss_chunk = chunk
-    mesh = sharding.make_mesh(cfg)
-    tx = optim.make_optimizer(cfg)
+    mesh, state, train_step, batch_sharding = sharded_train_step(cfg)
     with jax.set_mesh(mesh):
-      graphdef, _, shardings = step_lib.abstract_state(cfg, mesh, tx)
-      state = step_lib.init_state(cfg, shardings, tx)
-      batch_sharding = sharding.batch_sharding(mesh, cfg.mesh.rules)
-      batch = jax.device_put(make_batch(8), batch_sharding)
-      train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx), in_shardings=(shardings, batch_sharding),
-                           out_shardings=(shardings, None))
-      new_state, metrics = train_step(state, batch)
+      new_state, metrics = train_step(state, jax.device_put(make_batch(8), batch_sharding))
       results.append((jax.device_get(new_state['params']), jax.device_get(metrics)))
   (whole_params, whole), (chunked_params, chunked) = results
   np.testing.assert_allclose(chunked['loss'], whole['loss'], rtol=1e-6)
